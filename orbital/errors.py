@@ -1,0 +1,88 @@
+"""Every exception Orbital raises, in one tree.
+
+    OrbitalError
+    ├── ConfigError            configuration or settings are unusable
+    ├── FleetError             repos.yaml cannot be loaded or fails validation
+    ├── InvalidIdentifierError a repository, branch, commit or job id is refused
+    ├── JobError
+    │   ├── UnknownJobError    no job with that id exists
+    │   ├── JobStateError      the job is in a state that forbids the action
+    │   └── LeaseLostError     a worker no longer holds the job it is running
+    ├── LogError
+    │   ├── UnknownLogError    no log was ever recorded for that job
+    │   └── LogExpiredError    the live log expired and no archive is left
+    └── SandboxError           a sandbox could not be started, used or removed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "FleetError",
+    "InvalidIdentifierError",
+    "JobError",
+    "JobStateError",
+    "LeaseLostError",
+    "LogError",
+    "LogExpiredError",
+    "OrbitalError",
+    "SandboxError",
+    "UnknownJobError",
+    "UnknownLogError",
+]
+
+
+class OrbitalError(Exception):
+    """Base class of every error Orbital raises on purpose."""
+
+
+class ConfigError(OrbitalError):
+    """Raised when a setting is missing or has a value Orbital cannot use."""
+
+
+class FleetError(OrbitalError):
+    """Raised when the fleet registry cannot be read or an entry is invalid.
+
+    The message names the file, the entry and the field.
+    """
+
+
+class InvalidIdentifierError(OrbitalError, ValueError):
+    """Raised when an identifier from outside (repository, branch, commit, job id)
+    does not match the strict pattern Orbital accepts."""
+
+
+class JobError(OrbitalError):
+    """Base class for errors about one job."""
+
+
+class UnknownJobError(JobError, KeyError):
+    """Raised when no job with the given id exists in Redis."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown job"
+
+
+class JobStateError(JobError):
+    """Raised when a job's current state forbids the requested action."""
+
+
+class LeaseLostError(JobError):
+    """Raised inside a worker when the lease on a running job was lost
+    (it expired and the job was handed to another worker, or it was cancelled)."""
+
+
+class LogError(OrbitalError):
+    """Base class for errors reading a job's log."""
+
+
+class UnknownLogError(LogError):
+    """Raised when no log was ever recorded for the job id."""
+
+
+class LogExpiredError(LogError):
+    """Raised when the job's live log expired from Redis and no archive exists."""
+
+
+class SandboxError(OrbitalError):
+    """Raised when a sandbox cannot be started, used, reset or removed."""

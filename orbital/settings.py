@@ -1,0 +1,153 @@
+"""The one place that reads Orbital's configuration.
+
+Values come from environment variables (``ORBITAL_*``), optionally preceded by
+a TOML file named by ``ORBITAL_CONFIG`` whose top-level keys are the field
+names below. Environment variables win over the file. Nothing else in the
+library reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orbital.errors import ConfigError
+
+__all__ = ["Settings", "host_arch"]
+
+
+def host_arch() -> str:
+    """Return this machine's architecture in Orbital's names (``amd64`` or ``arm64``)."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        machine, machine
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Orbital's configuration.
+
+    Every field can be set with the environment variable ``ORBITAL_<FIELD>`` in
+    upper case (lists are comma-separated). Durations are seconds.
+    """
+
+    #: Redis URL shared by every process; empty starts the embedded Redis.
+    redis_url: str = ""
+    #: Prefix of every Redis key Orbital writes.
+    prefix: str = "orbital"
+    #: Orbital's home: embedded Redis data, log archives, work directories.
+    home: Path = field(default_factory=lambda: Path.home() / ".orbital")
+    #: The fleet registry; empty means none is configured.
+    fleet_file: str = ""
+    #: How a repository's clone URL is built; ``{repo}`` is ``owner/name``.
+    git_url_template: str = "https://github.com/{repo}.git"
+    #: Names of environment variables whose values are masked in every log.
+    secret_env: tuple[str, ...] = ("GITHUB_TOKEN", "DT_API_TOKEN", "ORBITAL_WEBHOOK_SECRET")
+    #: Literal secret values to mask (in addition to ``secret_env``).
+    secrets: tuple[str, ...] = ()
+    #: A claimed job's lease; a worker renews it every third of this.
+    lease_s: float = 30.0
+    #: How long a worker's registration lives without a heartbeat.
+    heartbeat_ttl_s: float = 30.0
+    #: Attempts before a job whose workers keep dying ends as lost.
+    max_attempts: int = 3
+    #: Default timeouts.
+    job_timeout_s: float = 3600.0
+    step_timeout_s: float = 1800.0
+    #: Nightly schedule (cron, UTC) and the gap between enqueues on one arch queue.
+    nightly_cron: str = "0 2 * * *"
+    nightly_stagger_s: float = 300.0
+    #: How long a finished job's live log stays in Redis (the archive stays on disk).
+    log_ttl_s: float = 86400.0
+    #: Live log cap per job, in stream entries.
+    log_max_entries: int = 100_000
+    #: Which sandbox a worker uses: ``local`` or ``docker``.
+    sandbox: str = "local"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from ``ORBITAL_CONFIG`` (a TOML file), then the environment,
+        then ``overrides``.
+
+        Raises:
+            ConfigError: naming the variable and the value it could not use.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        config_file = env.get("ORBITAL_CONFIG", "")
+        if config_file:
+            values.update(_read_config_file(Path(config_file)))
+
+        for f in dataclasses.fields(cls):
+            name = f"ORBITAL_{f.name.upper()}"
+            if name in env:
+                values[f.name] = env[name]
+
+        values.update(overrides)
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    def secret_values(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Return the secret values to mask: configured literals plus the values of
+        the variables named in ``secret_env`` (empty values are ignored)."""
+        env = os.environ if environ is None else environ
+        values = [v for v in self.secrets if v]
+        values += [env[n] for n in self.secret_env if env.get(n)]
+        return values
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"ORBITAL_CONFIG={path}: cannot read it: {err}") from None
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"ORBITAL_CONFIG={path}: unknown settings {', '.join(unknown)}")
+    return data
+
+
+def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    if name not in types:
+        raise ConfigError(f"unknown setting {name!r}")
+    kind = str(types[name])
+    try:
+        if kind == "Path":
+            return Path(value).expanduser()
+        if kind == "float":
+            number = float(value)
+            if number < 0:
+                raise ValueError("must not be negative")
+            return number
+        if kind == "int":
+            number = int(value)
+            if number <= 0:
+                raise ValueError("must be positive")
+            return number
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"setting {name} (ORBITAL_{name.upper()}) = {value!r}: {err}"
+        ) from None
