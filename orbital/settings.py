@@ -70,6 +70,42 @@ class Settings:
     log_max_entries: int = 100_000
     #: Which sandbox a worker uses: ``local`` or ``docker``.
     sandbox: str = "local"
+    #: Docker sandbox: the engine the worker drives (outer containers run there).
+    docker_host: str = "unix:///var/run/docker.sock"
+    #: ``sysbox``: outer containers under ``docker_runtime`` with no added privileges;
+    #: ``nested-docker``: the engine's default runtime plus only the capabilities nested
+    #: Docker needs (SYS_ADMIN, NET_ADMIN, no seccomp filter), never --privileged. Weaker.
+    docker_isolation: str = "sysbox"
+    docker_runtime: str = "sysbox-runc"
+    #: The slot's outer image (runs its own Docker daemon) and the lab (framework) image.
+    docker_outer_image: str = "docker:25-dind"
+    docker_lab_image: str = "shinojosa/dt-enablement:v1.2"
+    #: Limits of each slot (its outer container and everything inside it).
+    docker_memory: str = "8g"
+    docker_cpus: float = 2.0
+    docker_pids_limit: int = 4096
+    #: Slot i publishes port ``docker_port_base + i`` on ``docker_bind_address``; the lab
+    #: gets it as K3D_LB_HTTP_PORT.
+    docker_port_base: int = 30080
+    docker_bind_address: str = "127.0.0.1"
+    #: Warm-up: slots built at once, and attempts per slot before it is reported failed.
+    docker_warm_concurrency: int = 2
+    docker_warm_attempts: int = 3
+    #: Host directory holding each slot's inner Docker socket; empty means ``<home>/slots``.
+    docker_slot_dir: str = ""
+    #: Host paths mounted read-only at the same path into every lab (``/srv/git`` or
+    #: ``/srv/git:/mirror``), e.g. a git mirror that ``git_url_template`` points into.
+    docker_lab_mounts: tuple[str, ...] = ()
+    #: Timeout of one Docker API call, and attempts to kill before giving up on a container.
+    docker_api_timeout_s: float = 30.0
+    docker_kill_attempts: int = 3
+    #: How long a new slot's inner daemon may take to answer.
+    docker_ready_timeout_s: float = 90.0
+    #: Background rebuild of an unhealthy slot: first delay, doubling up to the maximum.
+    docker_rebuild_backoff_s: float = 2.0
+    docker_rebuild_backoff_max_s: float = 120.0
+    #: How often idle warm slots are checked (a dead one is rebuilt).
+    docker_health_interval_s: float = 15.0
 
     @classmethod
     def from_env(
