@@ -107,7 +107,11 @@ class Job:
     finished_at: float = 0.0
     worker: str = ""
     token: str = ""
+    due_at: float = 0.0
+    commit_sha: str = ""
+    framework_version: str = ""
     nightly_id: str = ""
+    cancel_reason: str = ""
     superseded_by: str = ""
     deferred_behind: str = ""
     error: str = ""

@@ -1,0 +1,281 @@
+"""The local sandbox: lab steps as child processes in a private work directory.
+
+This is the embedded default for laptops and the demo. It is NOT an isolation
+boundary: steps run as the worker's user with its network and file system
+access, which the provider says in a warning when it starts.
+
+Each step runs in its own session (so its own process group). Every process a
+step starts inherits ``ORBITAL_SANDBOX_ID`` in its environment, so a kill also
+finds processes that left the group (``setsid``, double forks) by scanning
+``/proc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from orbital.errors import SandboxError
+from orbital.jobs import Job
+from orbital.sandboxes.base import OutputCallback, Sandbox, SandboxProvider, StepResult
+
+__all__ = ["LocalSandbox", "LocalSandboxProvider"]
+
+logger = logging.getLogger(__name__)
+
+_KILL_GRACE_S = 2.0
+_READ_SIZE = 65536
+_BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+class LocalSandbox(Sandbox):
+    """A private directory and the process groups of the steps run in it."""
+
+    kind = "local"
+    isolation = "none"
+
+    def __init__(self, root: Path, sandbox_id: str) -> None:
+        self.root = root
+        self.sandbox_id = sandbox_id
+        self._groups: set[int] = set()
+        self._killed = False
+
+    @property
+    def workspace(self) -> str:
+        return str(self.root / "workspaces")
+
+    def repo_dir(self, job: Job) -> str:
+        return str(self.root / "workspaces" / job.repo.split("/")[-1])
+
+    async def start(self, job: Job) -> None:
+        try:
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            (self.root / "workspaces").mkdir(parents=True)
+            (self.root / "home").mkdir()
+            (self.root / "tmp").mkdir()
+        except OSError as err:
+            raise SandboxError(f"local sandbox {self.sandbox_id}: cannot prepare {self.root}: {err}") from err
+        self._killed = False
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update(
+            HOME=str(self.root / "home"),
+            TMPDIR=str(self.root / "tmp"),
+            ORBITAL_SANDBOX_ID=self.sandbox_id,
+        )
+        env.update(extra)
+        return env
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float,
+        on_output: OutputCallback,
+    ) -> StepResult:
+        if self._killed:
+            return StepResult(exit_code=None, duration_s=0.0, cancelled=True)
+        started = time.monotonic()
+        try:
+            process = await anyio.open_process(
+                list(argv),
+                cwd=cwd,
+                env=self._env(env),
+                stdin=None,
+                stderr=-2,  # subprocess.STDOUT: one ordered stream
+                start_new_session=True,
+            )
+        except OSError as err:
+            message = f"cannot start {argv[0]!r}: {err.strerror or err}\n"
+            await on_output(message.encode())
+            return StepResult(exit_code=127, duration_s=time.monotonic() - started)
+
+        self._groups.add(process.pid)
+        timed_out = False
+        try:
+            with anyio.move_on_after(timeout_s) as scope:
+                await _pump(process, on_output)
+                await process.wait()
+            timed_out = scope.cancelled_caught
+        finally:
+            if process.returncode is None:
+                with anyio.CancelScope(shield=True):
+                    await self._kill_group(process.pid)
+                    await process.wait()
+            await process.aclose()
+
+        duration = time.monotonic() - started
+        if timed_out or self._killed:
+            return StepResult(
+                exit_code=None, duration_s=duration, timed_out=timed_out, cancelled=self._killed
+            )
+        return StepResult(exit_code=process.returncode, duration_s=duration)
+
+    async def _kill_group(self, pgid: int) -> None:
+        for sig, wait_s in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not _group_alive(pgid):
+                    return
+                await anyio.sleep(0.05)
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        target = Path(path)
+        await anyio.to_thread.run_sync(lambda: _write(target, data))
+
+    async def read_file(self, path: str) -> bytes | None:
+        target = Path(path)
+        try:
+            return await anyio.Path(target).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def kill(self) -> None:
+        self._killed = True
+        await self._kill_everything()
+
+    async def _kill_everything(self) -> None:
+        for pgid in list(self._groups):
+            await self._kill_group(pgid)
+        self._groups.clear()
+        for pid in _pids_with_marker(self.sandbox_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+
+    async def reset(self) -> None:
+        await self._kill_everything()
+        self._killed = False
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.root, ignore_errors=True))
+        if self.root.exists():
+            raise SandboxError(f"local sandbox {self.sandbox_id}: {self.root} could not be removed")
+
+    async def destroy(self) -> None:
+        await self.reset()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "isolation": self.isolation, "root": str(self.root)}
+
+
+async def _pump(process: anyio.abc.Process, on_output: OutputCallback) -> None:
+    stream = process.stdout
+    if stream is None:
+        return
+    while True:
+        try:
+            chunk = await stream.receive(_READ_SIZE)
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return
+        await on_output(chunk)
+
+
+def _write(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies still count for killpg; treat a group of zombies as gone.
+    return any(_is_running(pid) for pid in _pids_in_group(pgid))
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _pids_with_marker(sandbox_id: str) -> list[int]:
+    marker = f"ORBITAL_SANDBOX_ID={sandbox_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+class LocalSandboxProvider(SandboxProvider):
+    """Makes a fresh local sandbox for each job under ``<work_dir>/<worker>``."""
+
+    kind = "local"
+    isolation = "none"
+
+    def __init__(self, work_dir: Path, worker_id: str) -> None:
+        self.base = work_dir / worker_id
+        self.worker_id = worker_id
+
+    async def open(self, capacity: int) -> None:
+        logger.warning(
+            "worker %s: local sandbox in %s is NOT an isolation boundary: lab steps run "
+            "as this user with its files and network; use --sandbox docker for untrusted labs",
+            self.worker_id,
+            self.base,
+        )
+        self.base.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.base, ignore_errors=True))
+
+    @asynccontextmanager
+    async def _acquire(self, job: Job) -> AsyncIterator[Sandbox]:
+        sandbox = LocalSandbox(self.base / job.id, f"{self.worker_id}.{job.id}")
+        await sandbox.start(job)
+        try:
+            yield sandbox
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sandbox.destroy()
+
+    def acquire(self, job: Job) -> Any:
+        return self._acquire(job)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "isolation": self.isolation, "root": str(self.base)}
