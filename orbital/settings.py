@@ -106,6 +106,32 @@ class Settings:
     docker_rebuild_backoff_max_s: float = 120.0
     #: How often idle warm slots are checked (a dead one is rebuilt).
     docker_health_interval_s: float = 15.0
+    #: Dynatrace environment the shipper posts business events to: the URL before
+    #: ``/api/v2/bizevents/ingest``, e.g. ``https://abc12345.live.dynatrace.com`` or an
+    #: ActiveGate's ``https://activegate:9999/e/<environment id>``.
+    dt_environment: str = ""
+    #: Access token with the ``bizevents.ingest`` scope. A secret: kept out of repr and
+    #: logs, and masked wherever ``secret_values`` is used.
+    dt_api_token: str = field(default="", repr=False)
+    #: Shipper: events per ingest request at most, and request body bytes at most.
+    shipper_batch_size: int = 500
+    shipper_max_batch_bytes: int = 1_000_000
+    #: Shipper: timeout of one ingest request. A request that times out is sent again,
+    #: so keep this well above the ingest API's slowest answer.
+    shipper_timeout_s: float = 30.0
+    #: Shipper: retry delay after a 429, 5xx or network error: the first delay, doubled on
+    #: each retry (with jitter) up to the maximum. A Retry-After header wins.
+    shipper_backoff_s: float = 0.5
+    shipper_backoff_max_s: float = 60.0
+    #: Shipper: how long one read of an empty outbox blocks.
+    shipper_poll_s: float = 1.0
+    #: Shipper: lease of the lock that lets one shipper at a time send (others stand by;
+    #: one takes over this long after the sender died).
+    shipper_lock_ttl_s: float = 15.0
+    #: Shipper: its consumer name in the outbox's consumer group (empty: the host name).
+    shipper_name: str = ""
+    #: Workers emit a ``worker.heartbeat`` event on every Nth heartbeat, not on each.
+    heartbeat_event_every: int = 10
 
     @classmethod
     def from_env(
@@ -132,11 +158,14 @@ class Settings:
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
     def secret_values(self, environ: Mapping[str, str] | None = None) -> list[str]:
-        """Return the secret values to mask: configured literals plus the values of
-        the variables named in ``secret_env`` (empty values are ignored)."""
+        """Return the secret values to mask: configured literals, the values of the
+        variables named in ``secret_env`` and the Dynatrace token (empty values are
+        ignored)."""
         env = os.environ if environ is None else environ
         values = [v for v in self.secrets if v]
         values += [env[n] for n in self.secret_env if env.get(n)]
+        if self.dt_api_token:
+            values.append(self.dt_api_token)
         return values
 
     @property
