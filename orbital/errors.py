@@ -2,6 +2,7 @@
 
     OrbitalError
     ├── ConfigError            configuration or settings are unusable
+    ├── EventError             an event is not a CloudEvent the outbox can take
     ├── FleetError             repos.yaml cannot be loaded or fails validation
     ├── InvalidIdentifierError a repository, branch, commit or job id is refused
     ├── JobError
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "EventError",
     "FleetError",
     "InvalidIdentifierError",
     "JobError",
@@ -38,6 +40,12 @@ class OrbitalError(Exception):
 
 class ConfigError(OrbitalError):
     """Raised when a setting is missing or has a value Orbital cannot use."""
+
+
+class EventError(OrbitalError, ValueError):
+    """Raised when an event handed to the outbox lacks a required CloudEvents
+    attribute (``specversion``, ``id``, ``source``, ``type``) or has data that is not
+    a JSON object. The message names the attribute and the event id."""
 
 
 class FleetError(OrbitalError):
