@@ -132,6 +132,25 @@ class Settings:
     shipper_name: str = ""
     #: Workers emit a ``worker.heartbeat`` event on every Nth heartbeat, not on each.
     heartbeat_event_every: int = 10
+    #: GitHub webhook receiver: the shared secret GitHub signs deliveries with (the
+    #: service refuses to start without it; a secret, kept out of repr and masked in
+    #: logs), and where it listens.
+    webhook_secret: str = field(default="", repr=False)
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8787
+    #: Largest delivery body accepted. GitHub caps payloads at 25 MB, but the events
+    #: Orbital routes are far smaller, and a body is buffered whole before it is verified.
+    webhook_max_body_bytes: int = 2 * 1024 * 1024
+    #: A YAML or JSON routing table replacing the built-in one; empty uses the default.
+    webhook_routing_file: str = ""
+    #: How long an accepted X-GitHub-Delivery id is remembered (GitHub redelivers on
+    #: request for a few days), and how long a "once per issue" job stays claimed.
+    webhook_dedupe_ttl_s: float = 7 * 86400.0
+    webhook_once_ttl_s: float = 180 * 86400.0
+    #: GitHub REST API (GitHub Enterprise: ``https://HOST/api/v3``) and the token used
+    #: for comments. A secret: kept out of repr and masked wherever ``secret_values`` is.
+    github_api_url: str = "https://api.github.com"
+    github_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(
@@ -159,13 +178,12 @@ class Settings:
 
     def secret_values(self, environ: Mapping[str, str] | None = None) -> list[str]:
         """Return the secret values to mask: configured literals, the values of the
-        variables named in ``secret_env`` and the Dynatrace token (empty values are
-        ignored)."""
+        variables named in ``secret_env``, the Dynatrace token, the webhook secret and
+        the GitHub token (empty values are ignored)."""
         env = os.environ if environ is None else environ
         values = [v for v in self.secrets if v]
         values += [env[n] for n in self.secret_env if env.get(n)]
-        if self.dt_api_token:
-            values.append(self.dt_api_token)
+        values += [v for v in (self.dt_api_token, self.webhook_secret, self.github_token) if v]
         return values
 
     @property
