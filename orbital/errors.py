@@ -4,6 +4,7 @@
     ├── ConfigError            configuration or settings are unusable
     ├── EventError             an event is not a CloudEvent the outbox can take
     ├── FleetError             repos.yaml cannot be loaded or fails validation
+    ├── GitHubApiError         the GitHub REST API refused a request or did not answer
     ├── InvalidIdentifierError a repository, branch, commit or job id is refused
     ├── JobError
     │   ├── UnknownJobError    no job with that id exists
@@ -12,7 +13,8 @@
     ├── LogError
     │   ├── UnknownLogError    no log was ever recorded for that job
     │   └── LogExpiredError    the live log expired and no archive is left
-    └── SandboxError           a sandbox could not be started, used or removed
+    ├── SandboxError           a sandbox could not be started, used or removed
+    └── WebhookRejectedError   a GitHub webhook delivery is refused (with its HTTP status)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "ConfigError",
     "EventError",
     "FleetError",
+    "GitHubApiError",
     "InvalidIdentifierError",
     "JobError",
     "JobStateError",
@@ -31,6 +34,7 @@ __all__ = [
     "SandboxError",
     "UnknownJobError",
     "UnknownLogError",
+    "WebhookRejectedError",
 ]
 
 
@@ -53,6 +57,15 @@ class FleetError(OrbitalError):
 
     The message names the file, the entry and the field.
     """
+
+
+class GitHubApiError(OrbitalError):
+    """Raised when the GitHub REST API answers a request with an error status, or
+    cannot be reached. ``status`` is the HTTP status (0 when there was no answer)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class InvalidIdentifierError(OrbitalError, ValueError):
@@ -94,3 +107,17 @@ class LogExpiredError(LogError):
 
 class SandboxError(OrbitalError):
     """Raised when a sandbox cannot be started, used, reset or removed."""
+
+
+class WebhookRejectedError(OrbitalError):
+    """Raised when a GitHub webhook delivery is refused: bad signature, unsupported
+    content type, oversize or malformed body, or a payload field that breaks its rule.
+
+    ``status`` is the HTTP status to answer with and the message is the short reason
+    sent back to GitHub (it never contains a secret).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
