@@ -151,6 +151,42 @@ class Settings:
     #: for comments. A secret: kept out of repr and masked wherever ``secret_values`` is.
     github_api_url: str = "https://api.github.com"
     github_token: str = field(default="", repr=False)
+    #: Agent jobs: the agent command as an argument list (never a shell string). The
+    #: element ``{prompt}`` is replaced by the prompt and ``{prompt_file}`` by the path of
+    #: a file holding it; with neither, the prompt is appended as the last argument.
+    #: The default is the Claude Code CLI in print mode.
+    agent_command: tuple[str, ...] = ("claude", "-p", "--output-format", "text", "{prompt}")
+    #: Agent jobs: how long the agent command (or a runbook) may run before its whole
+    #: process tree is killed.
+    agent_timeout_s: float = 1800.0
+    #: Agent jobs: environment variables handed from the worker to the agent command
+    #: (credentials, for instance); their values are masked in the job log.
+    agent_env: tuple[str, ...] = ("ANTHROPIC_API_KEY",)
+    #: fix-ci and diagnose act only when the same repository + branch + arch has failed
+    #: at least this many times in a row; otherwise the job ends passed as skipped.
+    diagnose_min_failures: int = 2
+    #: Agent jobs: bytes of the last failed build's log given to the agent.
+    agent_log_tail_bytes: int = 12_000
+    #: Where runbooks (papermill notebooks) live; empty: ``runbooks/`` of the source
+    #: checkout the orbital package is installed from.
+    runbooks_dir: str = ""
+    #: Agent actions that run a runbook instead of the agent command, as
+    #: ``action=notebook.ipynb`` (e.g. ``diagnose=diagnose.ipynb``).
+    agent_runbooks: tuple[str, ...] = ()
+    #: Jupyter kernel runbooks run on; empty: the kernel the notebook names.
+    runbook_kernel: str = ""
+    #: Sync: the framework repository (``owner/name``, cloned through
+    #: ``git_url_template``) whose newest ``v*`` release tag is the target version.
+    framework_repo: str = "dynatrace-wwse/codespaces-framework"
+    #: Sync: a fixed target framework version; empty: the newest release tag.
+    framework_target_version: str = ""
+    #: Sync: when the scheduler queues a drift check (cron, UTC); empty: never.
+    sync_cron: str = "0 * * * *"
+    #: Sync: repositories read at once, and the time limit of one git command.
+    sync_concurrency: int = 4
+    sync_git_timeout_s: float = 120.0
+    #: Scheduler service: seconds between passes (nightly slot check, drift check).
+    scheduler_tick_s: float = 30.0
 
     @classmethod
     def from_env(
@@ -185,6 +221,12 @@ class Settings:
         values += [env[n] for n in self.secret_env if env.get(n)]
         values += [v for v in (self.dt_api_token, self.webhook_secret, self.github_token) if v]
         return values
+
+    def agent_environment(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Return the variables named in ``agent_env`` that are set (non-empty), for
+        the agent command's environment."""
+        env = os.environ if environ is None else environ
+        return {name: env[name] for name in self.agent_env if env.get(name)}
 
     @property
     def logs_dir(self) -> Path:
