@@ -9,6 +9,7 @@
     ├── JobError
     │   ├── UnknownJobError    no job with that id exists
     │   ├── JobStateError      the job is in a state that forbids the action
+    │   ├── JobParamsError     a job's parameters are missing or invalid
     │   └── LeaseLostError     a worker no longer holds the job it is running
     ├── LogError
     │   ├── UnknownLogError    no log was ever recorded for that job
@@ -26,6 +27,7 @@ __all__ = [
     "GitHubApiError",
     "InvalidIdentifierError",
     "JobError",
+    "JobParamsError",
     "JobStateError",
     "LeaseLostError",
     "LogError",
@@ -82,6 +84,11 @@ class UnknownJobError(JobError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown job"
+
+
+class JobParamsError(JobError, ValueError):
+    """Raised when a job's ``params`` lack a value its handler needs, or carry one it
+    refuses (an unknown agent action, a runbook name outside ``runbooks/``)."""
 
 
 class JobStateError(JobError):
