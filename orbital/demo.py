@@ -24,7 +24,7 @@ from orbital.client import Orbital
 from orbital.connection import async_client, resolve_redis_url, sync_client
 from orbital.fleet import load_fleet
 from orbital.sandboxes.base import SandboxProvider
-from orbital.sandboxes.local import LocalSandboxProvider
+from orbital.sandboxes.select import make_provider
 from orbital.scheduler import NightlyRun
 from orbital.settings import Settings, host_arch
 from orbital.workers import Worker, WorkerConfig
@@ -216,4 +216,4 @@ def run_demo(
 
 
 def _local_provider(settings: Settings, worker_id: str) -> SandboxProvider:
-    return LocalSandboxProvider(settings.work_dir, worker_id)
+    return make_provider(settings, "local", worker_id)

@@ -131,3 +131,39 @@ def shared_dir() -> Path:
     """../shared beside the clone (fleet registry, webhook payloads)."""
     require(SHARED.is_dir(), f"{SHARED} is absent: the real fleet registry and webhook payloads live there")
     return SHARED
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio: redis-py's asyncio client is what the worker uses."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def sample_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's sample labs as real bare git repositories; returns their repos.yaml."""
+    from orbital.demo import create_sample_fleet
+
+    require(shutil.which("git") is not None, "git is not installed")
+    require(shutil.which("bats") is not None, "bats is not installed (apt-get install bats)")
+    return create_sample_fleet(tmp_path_factory.mktemp("fleet") / "demo")
+
+
+@pytest.fixture
+def lab_settings(settings: Settings, sample_fleet: Path) -> Settings:
+    """Settings whose git URL template points at the sample labs."""
+    import dataclasses
+
+    return dataclasses.replace(
+        settings, fleet_file=str(sample_fleet),
+        git_url_template=f"file://{sample_fleet.parent / 'repos'}/{{repo}}.git",
+    )
+
+
+@pytest.fixture
+def labs(tmp_path: Path) -> object:
+    """A factory of lab repositories in real bare git repos."""
+    from tests.labs import LabFactory
+
+    require(shutil.which("git") is not None, "git is not installed")
+    return LabFactory(tmp_path / "labs")

@@ -87,6 +87,11 @@ class Sandbox(abc.ABC):
         the calling task also kills the command before the cancellation propagates.
         """
 
+    async def lease_renewed(self) -> None:  # noqa: B027 - optional hook
+        """Told after each successful lease renewal. A sandbox that can kill its
+        steps on its own when renewals stop (a paused or dead worker) uses this;
+        see :mod:`orbital.sandboxes.watchdog`."""
+
     @abc.abstractmethod
     async def write_file(self, path: str, data: bytes) -> None:
         """Create or replace a file inside the sandbox."""
@@ -142,7 +147,6 @@ class SandboxProvider(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for the worker registration."""
         return {"kind": self.kind, "isolation": self.isolation}
-
 
 
 @asynccontextmanager

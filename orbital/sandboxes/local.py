@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _KILL_GRACE_S = 2.0
 _READ_SIZE = 65536
+_DRAIN_S = 0.5
 _BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 
@@ -44,9 +47,11 @@ class LocalSandbox(Sandbox):
     kind = "local"
     isolation = "none"
 
-    def __init__(self, root: Path, sandbox_id: str) -> None:
+    def __init__(self, root: Path, sandbox_id: str, lease_grace_s: float | None = None) -> None:
         self.root = root
         self.sandbox_id = sandbox_id
+        self.lease_grace_s = lease_grace_s
+        self.lease_file = root.parent / f"{root.name}.lease"
         self._groups: set[int] = set()
         self._killed = False
 
@@ -65,7 +70,9 @@ class LocalSandbox(Sandbox):
             (self.root / "home").mkdir()
             (self.root / "tmp").mkdir()
         except OSError as err:
-            raise SandboxError(f"local sandbox {self.sandbox_id}: cannot prepare {self.root}: {err}") from err
+            raise SandboxError(
+                f"local sandbox {self.sandbox_id}: cannot prepare {self.root}: {err}"
+            ) from err
         self._killed = False
 
     def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
@@ -91,13 +98,25 @@ class LocalSandbox(Sandbox):
         if self._killed:
             return StepResult(exit_code=None, duration_s=0.0, cancelled=True)
         started = time.monotonic()
+        command = list(argv)
+        if self.lease_grace_s is not None:
+            command = [
+                sys.executable,
+                "-m",
+                "orbital.sandboxes.watchdog",
+                str(self.lease_file),
+                f"{self.lease_grace_s:g}",
+                "--",
+                *command,
+            ]
+            self.lease_file.touch()
         try:
             process = await anyio.open_process(
-                list(argv),
+                command,
                 cwd=cwd,
                 env=self._env(env),
                 stdin=None,
-                stderr=-2,  # subprocess.STDOUT: one ordered stream
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         except OSError as err:
@@ -109,15 +128,23 @@ class LocalSandbox(Sandbox):
         timed_out = False
         try:
             with anyio.move_on_after(timeout_s) as scope:
-                await _pump(process, on_output)
-                await process.wait()
+                async with anyio.create_task_group() as tg:
+                    eof = anyio.Event()
+                    tg.start_soon(_pump, process, on_output, eof)
+                    await process.wait()
+                    # Background processes the step left may hold the pipe open:
+                    # read what is there, then stop waiting for EOF.
+                    with anyio.move_on_after(_DRAIN_S):
+                        await eof.wait()
+                    tg.cancel_scope.cancel()
             timed_out = scope.cancelled_caught
         finally:
             if process.returncode is None:
                 with anyio.CancelScope(shield=True):
                     await self._kill_group(process.pid)
                     await process.wait()
-            await process.aclose()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
 
         duration = time.monotonic() - started
         if timed_out or self._killed:
@@ -137,6 +164,10 @@ class LocalSandbox(Sandbox):
                 if not _group_alive(pgid):
                     return
                 await anyio.sleep(0.05)
+
+    async def lease_renewed(self) -> None:
+        if self.lease_grace_s is not None:
+            self.lease_file.touch()
 
     async def write_file(self, path: str, data: bytes) -> None:
         target = Path(path)
@@ -167,6 +198,7 @@ class LocalSandbox(Sandbox):
         await self._kill_everything()
         self._killed = False
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.root, ignore_errors=True))
+        self.lease_file.unlink(missing_ok=True)
         if self.root.exists():
             raise SandboxError(f"local sandbox {self.sandbox_id}: {self.root} could not be removed")
 
@@ -177,16 +209,17 @@ class LocalSandbox(Sandbox):
         return {"kind": self.kind, "isolation": self.isolation, "root": str(self.root)}
 
 
-async def _pump(process: anyio.abc.Process, on_output: OutputCallback) -> None:
+async def _pump(process: anyio.abc.Process, on_output: OutputCallback, eof: anyio.Event) -> None:
     stream = process.stdout
-    if stream is None:
-        return
-    while True:
-        try:
-            chunk = await stream.receive(_READ_SIZE)
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            return
-        await on_output(chunk)
+    try:
+        while stream is not None:
+            try:
+                chunk = await stream.receive(_READ_SIZE)
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            await on_output(chunk)
+    finally:
+        eof.set()
 
 
 def _write(target: Path, data: bytes) -> None:
@@ -227,9 +260,10 @@ def _is_running(pid: int) -> bool:
     return state != "Z"
 
 
-def _pids_with_marker(sandbox_id: str) -> list[int]:
-    marker = f"ORBITAL_SANDBOX_ID={sandbox_id}".encode()
+def _sandbox_pids() -> list[tuple[int, str]]:
+    """(pid, sandbox id) of every process that carries an ``ORBITAL_SANDBOX_ID``."""
     found = []
+    prefix = b"ORBITAL_SANDBOX_ID="
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -237,9 +271,14 @@ def _pids_with_marker(sandbox_id: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker in environ.split(b"\0"):
-            found.append(int(entry.name))
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                found.append((int(entry.name), item[len(prefix) :].decode(errors="replace")))
     return found
+
+
+def _pids_with_marker(sandbox_id: str) -> list[int]:
+    return [pid for pid, sid in _sandbox_pids() if sid == sandbox_id]
 
 
 class LocalSandboxProvider(SandboxProvider):
@@ -248,9 +287,10 @@ class LocalSandboxProvider(SandboxProvider):
     kind = "local"
     isolation = "none"
 
-    def __init__(self, work_dir: Path, worker_id: str) -> None:
+    def __init__(self, work_dir: Path, worker_id: str, lease_grace_s: float | None = None) -> None:
         self.base = work_dir / worker_id
         self.worker_id = worker_id
+        self.lease_grace_s = lease_grace_s
 
     async def open(self, capacity: int) -> None:
         logger.warning(
@@ -259,14 +299,34 @@ class LocalSandboxProvider(SandboxProvider):
             self.worker_id,
             self.base,
         )
+        await self._remove_leftovers()
         self.base.mkdir(parents=True, exist_ok=True)
+
+    async def _remove_leftovers(self) -> None:
+        """Kill processes and remove directories a previous run of this worker left
+        (it was killed before it could clean up)."""
+        marker = f"{self.worker_id}."
+        pids = [pid for pid, sid in _sandbox_pids() if sid.startswith(marker)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        if pids or self.base.exists():
+            logger.warning(
+                "worker %s: removed leftovers of its previous run: %d process(es), directory %s",
+                self.worker_id,
+                len(pids),
+                self.base,
+            )
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.base, ignore_errors=True))
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.base, ignore_errors=True))
 
     @asynccontextmanager
     async def _acquire(self, job: Job) -> AsyncIterator[Sandbox]:
-        sandbox = LocalSandbox(self.base / job.id, f"{self.worker_id}.{job.id}")
+        sandbox = LocalSandbox(self.base / job.id, f"{self.worker_id}.{job.id}", self.lease_grace_s)
         await sandbox.start(job)
         try:
             yield sandbox

@@ -11,6 +11,10 @@ from orbital.settings import Settings
 
 __all__ = ["choose_provider", "make_provider"]
 
+#: The local watchdog kills a step when renewals stopped for this share of the
+#: lease, so it is dead before the reaper can hand the job to another worker.
+LEASE_GRACE_SHARE = 0.6
+
 ProviderFactory = Callable[[Settings, str], SandboxProvider]
 
 
@@ -39,4 +43,6 @@ def choose_provider(settings: Settings, kind: str) -> tuple[ProviderFactory, str
 
 
 def _local(settings: Settings, worker_id: str) -> SandboxProvider:
-    return LocalSandboxProvider(settings.work_dir, worker_id)
+    return LocalSandboxProvider(
+        settings.work_dir, worker_id, lease_grace_s=settings.lease_s * LEASE_GRACE_SHARE
+    )

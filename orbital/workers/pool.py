@@ -77,6 +77,7 @@ class _Running:
     job: Job
     token: str
     scope: anyio.CancelScope
+    ctx: JobContext | None = None
     reason: str = ""  # why the scope was cancelled: cancelled, lost, timed_out, drain
 
 
@@ -149,12 +150,11 @@ class Worker:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reaper_loop)
+                tg.start_soon(self._drain_deadline)
                 async with anyio.create_task_group() as jobs:
-                    async with anyio.create_task_group() as claims:
-                        for queue, capacity in self.config.capacity.items():
-                            slots = anyio.Semaphore(self.provider.ready_capacity(capacity))
-                            claims.start_soon(self._claim_loop, queue, slots, jobs)
-                    tg.start_soon(self._drain_deadline, jobs)
+                    for queue, capacity in self.config.capacity.items():
+                        slots = anyio.Semaphore(self.provider.ready_capacity(capacity))
+                        jobs.start_soon(self._claim_loop, queue, slots, jobs)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -178,7 +178,7 @@ class Worker:
                 logger.info("worker %s: got %s", self.worker_id, signal.Signals(signum).name)
                 self.drain()
 
-    async def _drain_deadline(self, jobs: anyio.abc.TaskGroup) -> None:
+    async def _drain_deadline(self) -> None:
         await self._draining.wait()
         with anyio.move_on_after(self.config.drain_timeout_s):
             while self._running:
@@ -234,12 +234,13 @@ class Worker:
     ) -> None:
         backoff = 0.1
         while not self._draining.is_set():
-            await slots.acquire()
-            if self._draining.is_set():
-                slots.release()
+            if not await self._take_slot(slots):
                 return
             try:
-                job_id = await self.queue.claim(queue, self.worker_id, self.config.claim_timeout_s)
+                # Shielded: a BLMOVE cut off after the server moved the id would leave
+                # the job in our claimed list without anyone running it.
+                with anyio.CancelScope(shield=True):
+                    job_id = await self.queue.claim(queue, self.worker_id, self.config.claim_timeout_s)
             except _REDIS_ERRORS as err:
                 slots.release()
                 logger.warning(
@@ -254,6 +255,25 @@ class Worker:
                 slots.release()
                 continue
             jobs.start_soon(self._run_claimed, job_id, slots)
+
+    async def _take_slot(self, slots: anyio.Semaphore) -> bool:
+        """Wait for a free slot; False (and no slot held) once the worker drains."""
+        if self._draining.is_set():
+            return False
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_drain() -> None:
+                await self._draining.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_drain)
+            await slots.acquire()
+            tg.cancel_scope.cancel()
+            if self._draining.is_set():
+                slots.release()
+                return False
+            return True
+        return False
 
     # one job ----------------------------------------------------------------
     async def _run_claimed(self, job_id: str, slots: anyio.Semaphore) -> None:
@@ -294,6 +314,7 @@ class Worker:
             queue=self.queue, client=self.client, keys=self.keys, provider=self.provider,
             queue_wait_s=queue_wait, cancel_scope=run.scope,
         )
+        run.ctx = ctx
         handler = self.handlers.get(run.job.type)
         if handler is None:
             return JobResult.error(f"worker {self.worker_id} has no handler for job type {run.job.type}")
@@ -325,6 +346,8 @@ class Worker:
                 continue
             last_ok = time.monotonic()
             if status == "ok":
+                if run.ctx is not None and run.ctx.sandbox is not None:
+                    await run.ctx.sandbox.lease_renewed()
                 continue
             run.reason = "cancelled" if status == "cancelled" else "lost"
             logger.warning("worker %s: job %s %s; killing its processes", self.worker_id, run.job.id,

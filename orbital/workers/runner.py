@@ -26,7 +26,7 @@ from orbital.logs import LogWriter
 from orbital.pipeline import LabOutcome, PipelineConfig, run_lab
 from orbital.queue import AsyncQueue
 from orbital.results import Step, StepStatus
-from orbital.sandboxes.base import SandboxProvider
+from orbital.sandboxes.base import Sandbox, SandboxProvider
 from orbital.settings import Settings
 
 __all__ = ["JobContext", "JobHandler", "JobResult", "run_lab_job"]
@@ -65,6 +65,7 @@ class JobContext:
     outcome: LabOutcome = field(default_factory=LabOutcome)
     sandbox_info: dict[str, Any] = field(default_factory=dict)
     log: LogWriter | None = None
+    sandbox: Sandbox | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
 
     def open_log(self) -> LogWriter:
@@ -163,6 +164,7 @@ async def run_lab_job(ctx: JobContext) -> JobResult:
         await log.line(f"==> [orbital] job {job.id} ({job.type}) on worker {ctx.worker_id}, attempt {job.attempts}")
         async with ctx.provider.acquire(job) as sandbox:
             ctx.sandbox_info = sandbox.describe()
+            ctx.sandbox = sandbox
             await run_lab(job, sandbox, log, config, on_meta, outcome=ctx.outcome)
             if job.type == JobType.DAEMON and ctx.outcome.status == "passed":
                 await log.line("==> [orbital] daemon is up; the sandbox stays until the job is cancelled")
