@@ -1,0 +1,90 @@
+"""The GitHub webhook receiver service: verifies deliveries and enqueues their jobs.
+
+Run it with the same configuration as every Orbital process (``ORBITAL_*``
+variables, optionally ``ORBITAL_CONFIG``), plus ``ORBITAL_WEBHOOK_SECRET`` (it
+refuses to start without one) and, as needed, ``ORBITAL_WEBHOOK_HOST``,
+``ORBITAL_WEBHOOK_PORT``, ``ORBITAL_WEBHOOK_ROUTING_FILE`` and
+``ORBITAL_FLEET_FILE``. Point GitHub's webhook at ``http(s)://HOST:PORT/webhook``
+(content type JSON or form; both are verified over the raw body) through a TLS
+proxy; ``/healthz`` is for the load balancer. Several receivers may run behind one
+proxy: duplicate deliveries and "once" jobs are decided in Redis.
+
+Every log line is masked for the configured secret values and token shapes.
+SIGTERM or SIGINT stops it after in-flight deliveries are answered.
+
+Exit status: 0 after a clean stop, 2 when the configuration is unusable or the
+port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orbital.errors import ConfigError
+from orbital.masking import mask_text
+from orbital.settings import Settings
+
+__all__ = ["MaskingFilter", "main"]
+
+logger = logging.getLogger("orbital.services.webhook")
+
+
+class MaskingFilter(logging.Filter):
+    """Masks secret values and token shapes in every record a handler emits."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+            record.exc_text = None
+        record.msg, record.args = mask_text(message, self.secrets), None
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the receiver until SIGTERM/SIGINT; return the exit status."""
+    parser = argparse.ArgumentParser(description="Receive GitHub webhooks and enqueue jobs.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    try:
+        settings = Settings.from_env()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(MaskingFilter(settings.secret_values()))
+        # Imported here so a missing webhook extra is reported, not a traceback.
+        from orbital.github.app import run_service
+    except ConfigError as err:
+        logger.error("webhook receiver: cannot start: %s", err)
+        return 2
+    except ImportError as err:
+        logger.error("webhook receiver: cannot start: %s; install orbital[webhook]", err)
+        return 2
+
+    try:
+        run_service(settings)
+    except ConfigError as err:
+        logger.error("webhook receiver: cannot start: %s", err)
+        return 2
+    except OSError as err:
+        logger.error(
+            "webhook receiver: cannot listen on %s:%d: %s",
+            settings.webhook_host, settings.webhook_port, err,
+        )  # fmt: skip
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
