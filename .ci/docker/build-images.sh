@@ -51,7 +51,17 @@ build_rootfs() {
         tail -n 20 "$cache/debootstrap.log" >&2
         exit 1
     }
-    rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/archives/*.deb
+    # Every slot streams the lab image into its own daemon, so its size is warm-up time:
+    # drop documentation and translations, and keep dpkg from installing them later.
+    rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/archives/*.deb \
+        "$dir"/usr/share/doc/* "$dir"/usr/share/man/* "$dir"/usr/share/info/* \
+        "$dir"/usr/share/locale/*
+    cat >"$dir/etc/dpkg/dpkg.cfg.d/orbital-nodoc" <<'NODOC'
+path-exclude=/usr/share/doc/*
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+NODOC
     tar -C "$dir" --numeric-owner -cf "$cache/lab-rootfs.tar.part" .
     mv "$cache/lab-rootfs.tar.part" "$cache/lab-rootfs.tar"
     rm -rf "$dir"
@@ -103,6 +113,13 @@ DOCKERFILE
     mv "$cache/outer-image.tar.part" "$cache/outer-image.tar"
 }
 
+old_images=$("$docker_cli" image inspect --format '{{.Id}}' "$lab_image" "$outer_image" 2>/dev/null || true)
 build_lab
 build_outer
+# Images and caches of earlier versions of this script are no longer used.
+for id in $old_images; do
+    "$docker_cli" image inspect --format '{{.RepoTags}}' "$id" 2>/dev/null | grep -q 'orbital-test/' ||
+        "$docker_cli" rmi "$id" >/dev/null 2>&1 || true
+done
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 log "ready: $lab_image $outer_image (key $key) in $DOCKER_HOST"
