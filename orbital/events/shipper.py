@@ -121,7 +121,8 @@ class Shipper:
         self._stop.set()
 
     def run(self) -> ShipperStats:
-        """Ship until :meth:`stop` is called; return the counters."""
+        """Ship until :meth:`stop` is called; return the counters. A shipper runs
+        once: make a new one to start again."""
         logger.info(
             "shipper %s: starting: outbox %s -> %s, batches of up to %d events / %d bytes",
             self.name,
