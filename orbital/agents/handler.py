@@ -325,18 +325,18 @@ class _AgentRun:
     # results ----------------------------------------------------------------
     def _from_command(self, request: AgentRequest, result: CommandResult, what: str) -> JobResult:
         self.data["exit_code"] = result.step.exit_code
-        tail = result.text(self.secrets, SUMMARY_CHARS).strip()
         if result.ok:
+            tail = result.text(self.secrets, SUMMARY_CHARS).strip()
             return self._result(request, "passed", tail or f"{what} finished without output")
-        state = (
-            "timed_out"
-            if result.step.timed_out
-            else "cancelled"
-            if result.step.cancelled
-            else "failed"
-        )
+        if result.step.timed_out:
+            state = "timed_out"
+        elif result.step.cancelled:
+            state = "cancelled"
+        else:
+            state = "failed"
         head = f"{what} failed: {result.describe()}"
-        return self._result(request, state, f"{head}\n{tail}".strip()[-SUMMARY_CHARS:])
+        tail = result.text(self.secrets, SUMMARY_CHARS - len(head) - 1).strip()
+        return self._result(request, state, f"{head}\n{tail}".strip())
 
     def _result(
         self, request: AgentRequest, state: str, summary: str, *, skipped: bool = False
