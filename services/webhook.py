@@ -26,7 +26,7 @@ from orbital.errors import ConfigError
 from orbital.masking import mask_text
 from orbital.settings import Settings
 
-__all__ = ["MaskingFilter", "main"]
+__all__ = ["BadRequestFilter", "MaskingFilter", "main"]
 
 logger = logging.getLogger("orbital.services.webhook")
 
@@ -48,6 +48,23 @@ class MaskingFilter(logging.Filter):
         return True
 
 
+class BadRequestFilter(logging.Filter):
+    """Turns aiohttp's traceback for a request that is not valid HTTP (answered 400
+    before any handler runs) into one warning line, so a burst of junk cannot flood
+    the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        status = getattr(error, "code", None)
+        if error is not None and status == 400 and type(error).__module__.startswith("aiohttp"):
+            first_line = str(getattr(error, "message", "")).strip().splitlines()[:1]
+            record.msg = "%s; answered 400: %s"
+            record.args = (record.getMessage(), first_line[0][:200] if first_line else "")
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the receiver until SIGTERM/SIGINT; return the exit status."""
     parser = argparse.ArgumentParser(description="Receive GitHub webhooks and enqueue jobs.")
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         for handler in logging.getLogger().handlers:
             handler.addFilter(MaskingFilter(settings.secret_values()))
+        logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
         # Imported here so a missing webhook extra is reported, not a traceback.
         from orbital.github.app import run_service
     except ConfigError as err:
