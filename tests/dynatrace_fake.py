@@ -131,6 +131,8 @@ class FakeDynatrace:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        self._down = False
+        self._in_flight = 0
 
     # lifecycle -----------------------------------------------------------------
     @property
@@ -150,11 +152,17 @@ class FakeDynatrace:
         return self
 
     def down(self) -> None:
-        """Stop listening and cut every open connection."""
+        """Stop listening, let requests being answered finish, then cut every open
+        connection. (An outage that cut an answer already computed would make the
+        client send that batch again: the same window as a timeout.)"""
         if self._server is None:
             return
+        self._down = True
         self._server.shutdown()
         self._server.server_close()
+        deadline = time.monotonic() + 30
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         with self.lock:
             connections = list(self._connections)
         for conn in connections:
@@ -166,6 +174,7 @@ class FakeDynatrace:
 
     def up(self) -> None:
         """Listen again on the same port."""
+        self._down = False
         self.start()
 
     stop = down
@@ -198,6 +207,18 @@ class FakeDynatrace:
                 self._connections.discard(conn)
 
     def _handle(self, handler: _Handler) -> None:
+        with self.lock:
+            if self._down:  # a kept-alive connection after down(): as if refused
+                handler.close_connection = True
+                return
+            self._in_flight += 1
+        try:
+            self._serve(handler)
+        finally:
+            with self.lock:
+                self._in_flight -= 1
+
+    def _serve(self, handler: _Handler) -> None:
         headers = {k.lower(): v for k, v in handler.headers.items()}
         record = IngestRequest(handler.command, handler.path, headers, b"")
         length = headers.get("content-length")
