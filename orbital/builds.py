@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -75,7 +75,19 @@ class BuildRecord:
         kwargs["steps"] = [Step.from_dict(s) for s in (data.get("steps") or [])]
         kwargs["problems"] = list(data.get("problems") or [])
         kwargs["sandbox"] = dict(data.get("sandbox") or {})
-        for key in ("commit", "commit_sha", "nightly_id", "worker", "trigger"):
+        for key in (
+            "job_id",
+            "type",
+            "repo",
+            "branch",
+            "arch",
+            "status",
+            "commit",
+            "commit_sha",
+            "nightly_id",
+            "worker",
+            "trigger",
+        ):
             kwargs[key] = kwargs.get(key) or ""
         return cls(**kwargs)
 
@@ -99,14 +111,14 @@ class BuildHistory:
         self.keys = keys
 
     def get(self, job_id: str) -> BuildRecord | None:
-        raw = self.client.get(self.keys.build(job_id))
+        raw = cast(bytes | None, self.client.get(self.keys.build(job_id)))
         return None if raw is None else BuildRecord.from_dict(json.loads(raw))
 
     def _records(self, ids: Iterable[bytes | str]) -> list[BuildRecord]:
         ids = list(ids)
         if not ids:
             return []
-        raws = self.client.mget([self.keys.build(_s(i)) for i in ids])
+        raws = cast(list[bytes | None], self.client.mget([self.keys.build(_s(i)) for i in ids]))
         return [BuildRecord.from_dict(json.loads(r)) for r in raws if r is not None]
 
     def _range(self, key: str, limit: int, since: float | None) -> list[BuildRecord]:
@@ -118,18 +130,18 @@ class BuildHistory:
         """The newest builds of the whole fleet, newest first."""
         return self._range(self.keys.builds_all, limit, since)
 
-    def for_repo(self, repo: str, limit: int = 50, *, since: float | None = None) -> list[BuildRecord]:
+    def for_repo(
+        self, repo: str, limit: int = 50, *, since: float | None = None
+    ) -> list[BuildRecord]:
         """The newest builds of one repository (``owner/name``), newest first."""
         return self._range(self.keys.builds_repo(repo), limit, since)
 
-    def for_triple(
-        self, repo: str, branch: str, arch: str, limit: int = 50
-    ) -> list[BuildRecord]:
+    def for_triple(self, repo: str, branch: str, arch: str, limit: int = 50) -> list[BuildRecord]:
         """The newest builds of one repository + branch + arch, newest first."""
         return self._range(self.keys.builds_triple(triple(repo, branch, arch)), limit, None)
 
     def count(self) -> int:
-        return int(self.client.zcard(self.keys.builds_all))
+        return int(cast(int, self.client.zcard(self.keys.builds_all)))
 
     def pass_rate(
         self, window_s: float, *, repo: str | None = None, now: float | None = None
@@ -141,14 +153,17 @@ class BuildHistory:
             total_key, passed_key = self.keys.builds_all, self.keys.builds_passed
         else:
             total_key, passed_key = self.keys.builds_repo(repo), self.keys.builds_repo_passed(repo)
-        total = int(self.client.zcount(total_key, low, "+inf"))
+        total = int(cast(int, self.client.zcount(total_key, low, "+inf")))
         if not total:
             return None
-        return int(self.client.zcount(passed_key, low, "+inf")) / total
+        return int(cast(int, self.client.zcount(passed_key, low, "+inf"))) / total
 
     def triage(self, limit: int = 50) -> list[TriageEntry]:
         """Triples failing in a row, worst first, each with its latest build."""
-        rows = self.client.zrevrange(self.keys.triage, 0, limit - 1, withscores=True)
+        rows = cast(
+            list[tuple[bytes, float]],
+            self.client.zrevrange(self.keys.triage, 0, limit - 1, withscores=True),
+        )
         entries = []
         for member, score in rows:
             repo, branch, arch = _s(member).split("|")
@@ -159,7 +174,7 @@ class BuildHistory:
         return entries
 
     def consecutive_failures(self, repo: str, branch: str, arch: str) -> int:
-        score = self.client.zscore(self.keys.triage, triple(repo, branch, arch))
+        score = cast(float | None, self.client.zscore(self.keys.triage, triple(repo, branch, arch)))
         return int(score or 0)
 
 

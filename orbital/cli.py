@@ -11,14 +11,13 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import anyio
 import click
 
 from orbital.client import Orbital, connect
-from orbital.connection import async_client, resolve_redis_url
+from orbital.connection import resolve_redis_url
 from orbital.errors import OrbitalError
 from orbital.jobs import JobType
 from orbital.settings import Settings, host_arch
@@ -73,13 +72,20 @@ def main(verbose: int) -> None:
     """Orbital keeps a fleet of lab repositories healthy: it runs each lab's set-up
     and tests in a sandbox, nightly and on demand, and records every step."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 # ---------------------------------------------------------------- demo
 @main.command()
-@click.option("--sandbox", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True,
-              help="auto uses Docker when an engine answers, else the local sandbox.")
+@click.option(
+    "--sandbox",
+    type=click.Choice(["auto", "local", "docker"]),
+    default="auto",
+    show_default=True,
+    help="auto uses Docker when an engine answers, else the local sandbox.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(sandbox: str, as_json: bool) -> None:
     """Run one nightly of a small sample fleet on this machine and show the results.
@@ -87,30 +93,48 @@ def demo(sandbox: str, as_json: bool) -> None:
     Needs no configuration: Redis is embedded, the sample labs are local git
     repositories created under ~/.orbital/demo, and a worker runs in-process.
     """
-    from orbital.demo import run_demo  # noqa: PLC0415 - keeps `orbital --help` fast
-    from orbital.sandboxes.select import choose_provider  # noqa: PLC0415
+    from orbital.demo import run_demo
+    from orbital.sandboxes.select import choose_provider
 
     settings = Settings.from_env()
     factory, reason = choose_provider(settings, sandbox)
-    say = (lambda _m: None) if as_json else click.echo
+
+    def say(message: str) -> None:
+        if not as_json:
+            click.echo(message)
+
     say(f"sandbox: {reason}")
     result = run_demo(settings, factory, progress=say)
     orbital = Orbital(result.settings, result.client)
     builds = [b for b in orbital.history.recent(100) if b.nightly_id == result.run.run_id]
     triage = orbital.triage()
     if as_json:
-        _emit_json({"nightly": result.run.to_dict(), "sandbox": result.sandbox,
-                    "builds": [b.to_dict() for b in builds],
-                    "triage": [{"repo": t.repo, "branch": t.branch, "arch": t.arch,
-                                "consecutive_failures": t.consecutive_failures} for t in triage]})
+        _emit_json(
+            {
+                "nightly": result.run.to_dict(),
+                "sandbox": result.sandbox,
+                "builds": [b.to_dict() for b in builds],
+                "triage": [
+                    {
+                        "repo": t.repo,
+                        "branch": t.branch,
+                        "arch": t.arch,
+                        "consecutive_failures": t.consecutive_failures,
+                    }
+                    for t in triage
+                ],
+            }
+        )
         return
     click.echo("")
     click.echo(_builds_table(builds))
     click.echo("")
     run = result.run
     rate = f"{run.pass_rate:.0%}" if run.pass_rate is not None else "-"
-    click.echo(f"nightly {run.run_id}: {run.passed} passed, {run.failed} failed of {run.total} "
-               f"(pass rate {rate}) in {run.finished_at - run.started_at:.1f} s")
+    click.echo(
+        f"nightly {run.run_id}: {run.passed} passed, {run.failed} failed of {run.total} "
+        f"(pass rate {rate}) in {run.finished_at - run.started_at:.1f} s"
+    )
     click.echo("")
     click.echo("triage queue (worst first):")
     click.echo(_triage_table(triage) if triage else "  (empty)")
@@ -119,37 +143,85 @@ def demo(sandbox: str, as_json: bool) -> None:
 
 
 def _builds_table(builds: Iterable[Any]) -> str:
-    rows = [(b.job_id, b.repo, b.branch, b.arch, b.status, f"{b.duration_s:.1f}s",
-             len(b.steps), (b.failed_step or "")[:48]) for b in builds]
+    rows = [
+        (
+            b.job_id,
+            b.repo,
+            b.branch,
+            b.arch,
+            b.status,
+            f"{b.duration_s:.1f}s",
+            len(b.steps),
+            (b.failed_step or "")[:48],
+        )
+        for b in builds
+    ]
     return _table(rows, ["job", "repo", "branch", "arch", "status", "time", "steps", "failed step"])
 
 
 def _triage_table(entries: Iterable[Any]) -> str:
-    rows = [(t.consecutive_failures, t.repo, t.branch, t.arch,
-             (t.last_build.failure_summary.splitlines()[0][:60] if t.last_build and t.last_build.failure_summary else ""))
-            for t in entries]
+    rows = [
+        (
+            t.consecutive_failures,
+            t.repo,
+            t.branch,
+            t.arch,
+            (
+                t.last_build.failure_summary.splitlines()[0][:60]
+                if t.last_build and t.last_build.failure_summary
+                else ""
+            ),
+        )
+        for t in entries
+    ]
     return _table(rows, ["fails", "repo", "branch", "arch", "last failure"])
 
 
 # ---------------------------------------------------------------- worker
 @main.command()
-@click.option("--arch", default=host_arch, show_default="this machine's", help="Arch whose test queue to serve.")
-@click.option("--capacity", type=click.IntRange(1, 256), default=2, show_default=True, help="Lab jobs at once.")
+@click.option(
+    "--arch",
+    default=host_arch,
+    show_default="this machine's",
+    help="Arch whose test queue to serve.",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1, 256),
+    default=2,
+    show_default=True,
+    help="Lab jobs at once.",
+)
 @click.option("--manager", is_flag=True, help="Also serve the agent and sync queues.")
 @click.option("--agent-capacity", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--sandbox", type=click.Choice(["local", "docker"]), default=None,
-              help="Where lab steps run (default: ORBITAL_SANDBOX, else local).")
-@click.option("--name", default="", help="Stable worker id; a restart under it recovers its jobs at once.")
-@click.option("--queue", "queues", multiple=True, help="Serve these queues instead (name or name=capacity).")
-def worker(arch: str, capacity: int, manager: bool, agent_capacity: int, sandbox: str | None,
-           name: str, queues: tuple[str, ...]) -> None:
+@click.option(
+    "--sandbox",
+    type=click.Choice(["local", "docker"]),
+    default=None,
+    help="Where lab steps run (default: ORBITAL_SANDBOX, else local).",
+)
+@click.option(
+    "--name", default="", help="Stable worker id; a restart under it recovers its jobs at once."
+)
+@click.option(
+    "--queue", "queues", multiple=True, help="Serve these queues instead (name or name=capacity)."
+)
+def worker(
+    arch: str,
+    capacity: int,
+    manager: bool,
+    agent_capacity: int,
+    sandbox: str | None,
+    name: str,
+    queues: tuple[str, ...],
+) -> None:
     """Run a worker against the configured Redis until SIGTERM (then drain)."""
-    from orbital.sandboxes.select import make_provider  # noqa: PLC0415
-    from orbital.workers import Worker, WorkerConfig  # noqa: PLC0415
+    from orbital.sandboxes.select import make_provider
+    from orbital.workers import Worker, WorkerConfig
 
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    settings = Settings.from_env(**({"sandbox": sandbox} if sandbox else {}))
+    settings = Settings.from_env(sandbox=sandbox) if sandbox else Settings.from_env()
     plan: dict[str, int] = {f"test:{arch}": capacity}
     if manager:
         plan[JobType.AGENT.value] = agent_capacity
@@ -169,16 +241,34 @@ def worker(arch: str, capacity: int, manager: bool, agent_capacity: int, sandbox
 @main.command()
 @click.argument("repo")
 @click.option("--branch", default="main", show_default=True)
-@click.option("--arch", multiple=True, help="Arch (repeatable); default: the registry's archs, else this machine's.")
-@click.option("--type", "job_type", type=click.Choice([t.value for t in JobType]), default="integration-test",
-              show_default=True)
+@click.option(
+    "--arch",
+    multiple=True,
+    help="Arch (repeatable); default: the registry's archs, else this machine's.",
+)
+@click.option(
+    "--type",
+    "job_type",
+    type=click.Choice([t.value for t in JobType]),
+    default="integration-test",
+    show_default=True,
+)
 @click.option("--commit", default="", help="Commit sha to test (default: the branch head).")
 @click.option("--id", "job_id", default="", help="Use this job id (kept as given).")
 @click.option("--delay", type=float, default=0.0, help="Seconds before the job may start.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def enqueue(ctx: _Ctx, repo: str, branch: str, arch: tuple[str, ...], job_type: str, commit: str,
-            job_id: str, delay: float, as_json: bool) -> None:
+def enqueue(
+    ctx: _Ctx,
+    repo: str,
+    branch: str,
+    arch: tuple[str, ...],
+    job_type: str,
+    commit: str,
+    job_id: str,
+    delay: float,
+    as_json: bool,
+) -> None:
     """Queue a job for REPO (owner/name)."""
     o = ctx.orbital
     arches = list(arch)
@@ -188,8 +278,18 @@ def enqueue(ctx: _Ctx, repo: str, branch: str, arch: tuple[str, ...], job_type: 
     results = []
     for index, one in enumerate(arches or [""]):
         given_id = job_id if index == 0 or not job_id else f"{job_id}-{index}"
-        results.append(o.enqueue(repo, branch=branch, arch=one or None, job_type=job_type, commit=commit,
-                                 job_id=given_id, delay_s=delay, trigger="cli"))
+        results.append(
+            o.enqueue(
+                repo,
+                branch=branch,
+                arch=one or None,
+                job_type=job_type,
+                commit=commit,
+                job_id=given_id,
+                delay_s=delay,
+                trigger="cli",
+            )
+        )
     if as_json:
         _emit_json([r.__dict__ for r in results])
         return
@@ -248,21 +348,44 @@ def status(ctx: _Ctx, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    click.echo(_table(sorted(data["queues"].items()), ["queue", "waiting"]) if data["queues"] else "no queues yet")
+    click.echo(
+        _table(sorted(data["queues"].items()), ["queue", "waiting"])
+        if data["queues"]
+        else "no queues yet"
+    )
     click.echo("")
     waiting = data["waiting"]
     click.echo(f"deferred: {waiting['deferred']}   scheduled: {waiting['scheduled']}")
     click.echo("")
-    running = [(j["id"], j["repo"], j["branch"], j["arch"], j["worker"], _ago(j["started_at"]))
-               for j in data["running"]]
-    click.echo(_table(running, ["running job", "repo", "branch", "arch", "worker", "started (UTC)"])
-               if running else "no running jobs")
+    running = [
+        (j["id"], j["repo"], j["branch"], j["arch"], j["worker"], _ago(j["started_at"]))
+        for j in data["running"]
+    ]
+    click.echo(
+        _table(running, ["running job", "repo", "branch", "arch", "worker", "started (UTC)"])
+        if running
+        else "no running jobs"
+    )
     click.echo("")
-    workers = [(w["id"], w["arch"], w["status"], w["queues"], f"{w['active']}/{w['capacity_total']}",
-                json.loads(w.get("sandbox") or "{}").get("kind", ""), _ago(float(w["last_heartbeat"])))
-               for w in data["workers"]]
-    click.echo(_table(workers, ["worker", "arch", "status", "queues", "busy", "sandbox", "heartbeat (UTC)"])
-               if workers else "no live workers")
+    workers = [
+        (
+            w["id"],
+            w["arch"],
+            w["status"],
+            w["queues"],
+            f"{w['active']}/{w['capacity_total']}",
+            json.loads(w.get("sandbox") or "{}").get("kind", ""),
+            _ago(float(w["last_heartbeat"])),
+        )
+        for w in data["workers"]
+    ]
+    click.echo(
+        _table(
+            workers, ["worker", "arch", "status", "queues", "busy", "sandbox", "heartbeat (UTC)"]
+        )
+        if workers
+        else "no live workers"
+    )
 
 
 @main.command()
@@ -277,9 +400,18 @@ def history(ctx: _Ctx, repo: str | None, limit: int, show_triage: bool, as_json:
     if show_triage:
         entries = o.triage(limit)
         if as_json:
-            _emit_json([{"repo": t.repo, "branch": t.branch, "arch": t.arch,
-                         "consecutive_failures": t.consecutive_failures,
-                         "last_job": t.last_build.job_id if t.last_build else None} for t in entries])
+            _emit_json(
+                [
+                    {
+                        "repo": t.repo,
+                        "branch": t.branch,
+                        "arch": t.arch,
+                        "consecutive_failures": t.consecutive_failures,
+                        "last_job": t.last_build.job_id if t.last_build else None,
+                    }
+                    for t in entries
+                ]
+            )
         else:
             click.echo(_triage_table(entries) if entries else "triage queue is empty")
         return
@@ -291,12 +423,17 @@ def history(ctx: _Ctx, repo: str | None, limit: int, show_triage: bool, as_json:
 
 
 @main.command()
-@click.option("--file", "fleet_file", type=click.Path(dir_okay=False), default=None,
-              help="Registry to read (default: ORBITAL_FLEET_FILE).")
+@click.option(
+    "--file",
+    "fleet_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Registry to read (default: ORBITAL_FLEET_FILE).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def fleet(fleet_file: str | None, as_json: bool) -> None:
     """Show the fleet registry and the nightly fan-out."""
-    from orbital.fleet import load_fleet  # noqa: PLC0415
+    from orbital.fleet import load_fleet
 
     path = fleet_file or Settings.from_env().fleet_file
     if not path:
@@ -304,21 +441,41 @@ def fleet(fleet_file: str | None, as_json: bool) -> None:
     registry = load_fleet(path)
     fanout = registry.nightly_fanout()
     if as_json:
-        _emit_json({"path": str(path), "entries": [e.to_dict() for e in registry.entries],
-                    "eligible": [e.name for e in registry.eligible()],
-                    "nightly": [{"repo": e.repo, "branch": e.branch, "arch": a} for e, a in fanout]})
+        _emit_json(
+            {
+                "path": str(path),
+                "entries": [e.to_dict() for e in registry.entries],
+                "eligible": [e.name for e in registry.eligible()],
+                "nightly": [{"repo": e.repo, "branch": e.branch, "arch": a} for e, a in fanout],
+            }
+        )
         return
-    rows = [(e.name, e.repo, e.status, "yes" if e.ci else "no", ",".join(e.arches),
-             "yes" if e.nightly_eligible else "-") for e in registry.entries]
+    rows = [
+        (
+            e.name,
+            e.repo,
+            e.status,
+            "yes" if e.ci else "no",
+            ",".join(e.arches),
+            "yes" if e.nightly_eligible else "-",
+        )
+        for e in registry.entries
+    ]
     click.echo(_table(rows, ["name", "repo", "status", "ci", "arch", "nightly"]))
     both = sum(1 for e in registry.eligible() if len(e.arches) == 2)
-    click.echo(f"\n{len(registry.entries)} entries, {len(registry.eligible())} eligible, "
-               f"{len(fanout)} nightly jobs ({both} on both archs)")
+    click.echo(
+        f"\n{len(registry.entries)} entries, {len(registry.eligible())} eligible, "
+        f"{len(fanout)} nightly jobs ({both} on both archs)"
+    )
 
 
 @main.command()
-@click.option("--stagger", type=float, default=None, help="Seconds between enqueues per arch queue.")
-@click.option("--wait", is_flag=True, help="Wait until every job of the run ended and print totals.")
+@click.option(
+    "--stagger", type=float, default=None, help="Seconds between enqueues per arch queue."
+)
+@click.option(
+    "--wait", is_flag=True, help="Wait until every job of the run ended and print totals."
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def nightly(ctx: _Ctx, stagger: float | None, wait: bool, as_json: bool) -> None:
@@ -331,7 +488,9 @@ def nightly(ctx: _Ctx, stagger: float | None, wait: bool, as_json: bool) -> None
         time.sleep(2)
         newer = o.nightly_run(run.run_id)
         if newer.ended != run.ended and not as_json:
-            click.echo(f"  {newer.ended}/{newer.total} ended ({newer.passed} passed, {newer.failed} failed)")
+            click.echo(
+                f"  {newer.ended}/{newer.total} ended ({newer.passed} passed, {newer.failed} failed)"
+            )
         run = newer
     if as_json:
         _emit_json(run.to_dict())

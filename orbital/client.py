@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import redis
@@ -61,7 +61,9 @@ class Orbital:
             FleetError: if it is invalid.
         """
         if not self.settings.fleet_file:
-            raise ConfigError("no fleet registry configured: set ORBITAL_FLEET_FILE to a repos.yaml")
+            raise ConfigError(
+                "no fleet registry configured: set ORBITAL_FLEET_FILE to a repos.yaml"
+            )
         return load_fleet(self.settings.fleet_file)
 
     # jobs ---------------------------------------------------------------
@@ -86,10 +88,16 @@ class Orbital:
         """
         kind = JobType(job_type)
         job = Job(
-            type=kind, repo=repo, branch=branch, commit=commit,
+            type=kind,
+            repo=repo,
+            branch=branch,
+            commit=commit,
             arch=(arch or host_arch()) if kind.is_lab else (arch or ""),
-            trigger=trigger, params=dict(params or {}), id=job_id,
-            timeout_s=timeout_s or self.settings.job_timeout_s, max_attempts=self.settings.max_attempts,
+            trigger=trigger,
+            params=dict(params or {}),
+            id=job_id,
+            timeout_s=timeout_s or self.settings.job_timeout_s,
+            max_attempts=self.settings.max_attempts,
         )
         due = time.time() + delay_s if delay_s > 0 else 0.0
         return self.queue.enqueue(job, due_at=due)
@@ -116,9 +124,11 @@ class Orbital:
     def nightly(self, *, stagger_s: float | None = None, fleet: Fleet | None = None) -> NightlyRun:
         """Plan a nightly run now (outside the cron schedule)."""
         plan = plan_nightly(
-            fleet or self.fleet(), start_at=time.time(),
+            fleet or self.fleet(),
+            start_at=time.time(),
             stagger_s=self.settings.nightly_stagger_s if stagger_s is None else stagger_s,
-            job_timeout_s=self.settings.job_timeout_s, max_attempts=self.settings.max_attempts,
+            job_timeout_s=self.settings.job_timeout_s,
+            max_attempts=self.settings.max_attempts,
         )
         return self.scheduler.submit(plan)
 
@@ -128,7 +138,7 @@ class Orbital:
     # status -------------------------------------------------------------
     def workers(self) -> list[dict[str, str]]:
         """Registrations of live workers."""
-        ids = sorted(w.decode() for w in self.client.smembers(self.keys.workers))
+        ids = sorted(w.decode() for w in cast(set[bytes], self.client.smembers(self.keys.workers)))
         pipe = self.client.pipeline(transaction=False)
         for worker_id in ids:
             pipe.hgetall(self.keys.worker(worker_id))
@@ -144,7 +154,10 @@ class Orbital:
         return {
             "queues": self.queue.depths(),
             "running": [j.public_dict() for j in active if j.state == "running"],
-            "waiting": {s: sum(1 for j in active if j.state == s) for s in ("queued", "deferred", "scheduled")},
+            "waiting": {
+                s: sum(1 for j in active if j.state == s)
+                for s in ("queued", "deferred", "scheduled")
+            },
             "workers": self.workers(),
         }
 

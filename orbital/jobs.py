@@ -23,8 +23,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from orbital.ids import new_job_id, validate_arch, validate_branch, validate_commit
-from orbital.ids import validate_job_id, validate_repo
+from orbital.ids import (
+    new_job_id,
+    validate_arch,
+    validate_branch,
+    validate_commit,
+    validate_job_id,
+    validate_repo,
+)
 from orbital.keys import triple as make_triple
 
 __all__ = ["TERMINAL_STATES", "Job", "JobState", "JobType", "queue_for"]
@@ -167,12 +173,10 @@ class Job:
         return out
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str | bytes, str | bytes]) -> Job:
+    def from_mapping(cls, data: Mapping[str, str] | Mapping[bytes, bytes]) -> Job:
         """Rebuild a job from a Redis hash (bytes or str keys and values)."""
         text = {
-            (k.decode() if isinstance(k, bytes) else k): (
-                v.decode() if isinstance(v, bytes) else v
-            )
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in data.items()
         }
         kwargs: dict[str, Any] = {}

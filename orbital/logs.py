@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import redis
 import redis.asyncio
@@ -81,9 +81,7 @@ class LogWriter:
         if self._archive is not None:
             self._archive.write(masked)
             self._archive.flush()
-        await self.client.xadd(
-            self.key, {_DATA: masked}, maxlen=self.max_entries, approximate=True
-        )
+        await self.client.xadd(self.key, {_DATA: masked}, maxlen=self.max_entries, approximate=True)
 
     async def close(self, ttl_s: float) -> None:
         """Flush, mark the stream ended, let it expire after ``ttl_s``, close the archive."""
@@ -96,11 +94,15 @@ class LogWriter:
         await self.client.expire(self.key, max(1, int(ttl_s)))
 
 
-def _job_state(client: redis.Redis, keys: Keys, job_id: str) -> tuple[str, str] | None:
-    raw = client.hmget(keys.job(job_id), ["state", "log_path"])
+def _job_state(client: redis.Redis, keys: Keys, job_id: str) -> tuple[str, str, bool] | None:
+    """(state, log path, whether it ever started), or None for an unknown job."""
+    raw = cast(
+        list[bytes | None], client.hmget(keys.job(job_id), ["state", "log_path", "started_at"])
+    )
     if raw[0] is None:
         return None
-    return raw[0].decode(), (raw[1] or b"").decode()
+    started = float((raw[2] or b"0").decode() or 0) > 0
+    return raw[0].decode(), (raw[1] or b"").decode(), started
 
 
 def read_log(client: redis.Redis, keys: Keys, job_id: str) -> bytes:
@@ -111,24 +113,31 @@ def read_log(client: redis.Redis, keys: Keys, job_id: str) -> bytes:
         LogExpiredError: the job exists but its live log expired and the archive
             is not on this machine.
     """
-    entries = client.xrange(keys.log(job_id))
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.log(job_id)))
     if entries:
         return b"".join(fields.get(_DATA, b"") for _, fields in entries)
 
     job = _job_state(client, keys, job_id)
     if job is None:
-        raise UnknownLogError(f"no log for {job_id!r}: no such job (unknown id, or its record expired)")
-    state, log_path = job
+        raise UnknownLogError(
+            f"no log for {job_id!r}: no such job (unknown id, or its record expired)"
+        )
+    state, log_path, started = job
     if log_path and Path(log_path).is_file():
         return Path(log_path).read_bytes()
-    if state in TERMINAL_STATES:
+    if state in TERMINAL_STATES and started:
         where = f" and its archive {log_path} is not on this machine" if log_path else ""
         raise LogExpiredError(f"the live log of job {job_id} ({state}) expired{where}")
     return b""
 
 
 def follow_log(
-    client: redis.Redis, keys: Keys, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None
+    client: redis.Redis,
+    keys: Keys,
+    job_id: str,
+    *,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
 ) -> Iterator[bytes]:
     """Yield a job's log from the start, then live as it is written, until it ends.
 
@@ -147,7 +156,10 @@ def follow_log(
     last_id = b"0-0"
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while deadline is None or time.monotonic() < deadline:
-        reply = client.xread({key: last_id}, block=int(poll_s * 1000), count=500)
+        reply = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+            client.xread({key: last_id}, block=int(poll_s * 1000), count=500),
+        )
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 last_id = entry_id
@@ -155,6 +167,10 @@ def follow_log(
                     return
                 yield fields.get(_DATA, b"")
         if not reply:
-            state = client.hget(keys.job(job_id), "state")
-            if state is not None and JobState(state.decode()) in TERMINAL_STATES and not client.exists(key):
+            state = cast(bytes | None, client.hget(keys.job(job_id), "state"))
+            if (
+                state is not None
+                and JobState(state.decode()) in TERMINAL_STATES
+                and not client.exists(key)
+            ):
                 return

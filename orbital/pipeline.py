@@ -30,6 +30,7 @@ from orbital.results import (
     bats_argv,
     bats_count_argv,
     clean_text,
+    parse_bats_count,
     parse_bats_output,
     parse_result_jsonl,
 )
@@ -62,7 +63,9 @@ class PipelineConfig:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     def git_url(self, repo: str) -> str:
-        return self.git_url_template.format(repo=repo, owner=repo.split("/")[0], name=repo.split("/")[1])
+        return self.git_url_template.format(
+            repo=repo, owner=repo.split("/")[0], name=repo.split("/")[1]
+        )
 
 
 @dataclass
@@ -98,9 +101,7 @@ class LabOutcome:
 class _Run:
     """One lab run's state while its steps execute."""
 
-    def __init__(
-        self, job: Job, sandbox: Sandbox, log: LogWriter, config: PipelineConfig
-    ) -> None:
+    def __init__(self, job: Job, sandbox: Sandbox, log: LogWriter, config: PipelineConfig) -> None:
         self.job = job
         self.sandbox = sandbox
         self.log = log
@@ -215,7 +216,12 @@ async def run_lab(
     t0 = time.monotonic()
 
     if await _clone(run) and on_meta is not None:
-        await on_meta({"commit_sha": run.outcome.commit_sha, "framework_version": run.outcome.framework_version})
+        await on_meta(
+            {
+                "commit_sha": run.outcome.commit_sha,
+                "framework_version": run.outcome.framework_version,
+            }
+        )
     if run.outcome.status == "passed":
         await _stage1(run)
     run.outcome.setup_s = round(time.monotonic() - t0, 3)
@@ -239,13 +245,34 @@ def _fail(run: _Run, step: Step) -> None:
 async def _clone(run: _Run) -> bool:
     job = run.job
     url = run.config.git_url(job.repo)
-    await run.banner(f"clone {job.repo} branch {job.branch}" + (f" at {job.commit}" if job.commit else ""))
+    await run.banner(
+        f"clone {job.repo} branch {job.branch}" + (f" at {job.commit}" if job.commit else "")
+    )
     started = time.time()
-    argv = ["git", "clone", "--quiet", "--no-tags", "--single-branch", "--branch", job.branch,
-            "--", url, run.repo_dir]
+    argv = [
+        "git",
+        "clone",
+        "--quiet",
+        "--no-tags",
+        "--single-branch",
+        "--branch",
+        job.branch,
+        "--",
+        url,
+        run.repo_dir,
+    ]
     result, output = await run.command(argv, cwd=run.sandbox.workspace)
     if result.ok and job.commit:
-        checkout = ["git", "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", job.commit, "--"]
+        checkout = [
+            "git",
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "--quiet",
+            "--detach",
+            job.commit,
+            "--",
+        ]
         result, output = await run.command(checkout)
     step = run.record("clone", result, output, started)
     if step.status != StepStatus.PASSED:
@@ -261,16 +288,20 @@ async def _clone(run: _Run) -> bool:
 async def _stage1(run: _Run) -> None:
     unit_dir = f"{run.repo_dir}/{UNIT_DIR}"
     listing, out = await run.command(
-        ["find", unit_dir, "-maxdepth", "1", "-type", "f", "-name", "*.bats"], capture=True, quiet=True
+        ["find", unit_dir, "-maxdepth", "1", "-type", "f", "-name", "*.bats"],
+        capture=True,
+        quiet=True,
     )
-    files = sorted(PurePosixPath(p).name for p in out.decode(errors="replace").split("\n") if p.strip())
+    files = sorted(
+        PurePosixPath(p).name for p in out.decode(errors="replace").split("\n") if p.strip()
+    )
     if not listing.ok or not files:
         return
     await run.banner(f"stage 1: {len(files)} BATS file(s) in {UNIT_DIR}")
     for name in files:
         path = f"{unit_dir}/{name}"
         count_result, count_out = await run.command(bats_count_argv(path), capture=True, quiet=True)
-        expected = _parse_int(count_out) if count_result.ok else None
+        expected = parse_bats_count(count_out) if count_result.ok else None
         started = time.time()
         result, output = await run.command(bats_argv(path), capture=True)
         parsed = parse_bats_output(name, output, result.exit_code, expected)
@@ -286,11 +317,17 @@ def _absorb(run: _Run, parsed: ParsedResults, started: float, result: StepResult
         if not step.started_at:
             step.started_at = started
         run.outcome.steps.append(step)
-        if step.status in (StepStatus.FAILED, StepStatus.ERROR):
+        if step.status in (StepStatus.FAILED, StepStatus.ERROR, StepStatus.TIMED_OUT):
             _fail(run, step)
     run.outcome.problems.extend(parsed.problems)
     if result.timed_out or result.cancelled:
-        _fail(run, Step(name="bats", status=StepStatus.TIMED_OUT if result.timed_out else StepStatus.CANCELLED))
+        _fail(
+            run,
+            Step(
+                name="bats",
+                status=StepStatus.TIMED_OUT if result.timed_out else StepStatus.CANCELLED,
+            ),
+        )
 
 
 async def _stage2(run: _Run) -> None:
@@ -327,7 +364,9 @@ def _collect_assertions(run: _Run, data: bytes) -> None:
     run.outcome.problems.extend(parsed.problems)
 
 
-_VERSION_ASSIGN = re.compile(rb"""^\s*(?:export\s+)?FRAMEWORK_VERSION\s*=\s*["']?([A-Za-z0-9._-]{1,40})""", re.M)
+_VERSION_ASSIGN = re.compile(
+    rb"""^\s*(?:export\s+)?FRAMEWORK_VERSION\s*=\s*["']?([A-Za-z0-9._-]{1,40})""", re.M
+)
 _IMAGE_TAG = re.compile(rb'"image"\s*:\s*"[^"]*dt-enablement:([A-Za-z0-9._-]{1,40})"')
 
 
@@ -346,11 +385,3 @@ async def framework_version_from(sandbox: Sandbox, repo_dir: str) -> str:
     data = await sandbox.read_file(f"{repo_dir}/.devcontainer/devcontainer.json")
     match = _IMAGE_TAG.search(data or b"")
     return match.group(1).decode() if match else ""
-
-
-def _parse_int(data: bytes) -> int | None:
-    text = data.decode(errors="replace").strip().splitlines()
-    try:
-        return int(text[-1]) if text else None
-    except ValueError:
-        return None

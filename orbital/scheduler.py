@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 from croniter import croniter
@@ -82,10 +82,17 @@ class NightlyRun:
         passed, failed = int(number("passed")), int(number("failed"))
         rate = passed / (passed + failed) if passed + failed else None
         return cls(
-            run_id=run_id, total=int(number("total")), ended=int(number("ended")),
-            passed=passed, failed=failed, cancelled=int(number("cancelled")),
-            superseded=int(number("superseded")), started_at=number("started_at"),
-            finished_at=number("finished_at"), pass_rate=rate, slot=text.get("slot", ""),
+            run_id=run_id,
+            total=int(number("total")),
+            ended=int(number("ended")),
+            passed=passed,
+            failed=failed,
+            cancelled=int(number("cancelled")),
+            superseded=int(number("superseded")),
+            started_at=number("started_at"),
+            finished_at=number("finished_at"),
+            pass_rate=rate,
+            slot=text.get("slot", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,8 +132,14 @@ def plan_nightly(
     jobs = []
     for entry, arch in fleet.nightly_fanout():
         job = Job(
-            type=JobType.INTEGRATION_TEST, repo=entry.repo, branch=entry.branch, arch=arch,
-            trigger="nightly", nightly_id=run_id, timeout_s=job_timeout_s, max_attempts=max_attempts,
+            type=JobType.INTEGRATION_TEST,
+            repo=entry.repo,
+            branch=entry.branch,
+            arch=arch,
+            trigger="nightly",
+            nightly_id=run_id,
+            timeout_s=job_timeout_s,
+            max_attempts=max_attempts,
         )
         index = per_queue.get(job.queue, 0)
         per_queue[job.queue] = index + 1
@@ -146,13 +159,21 @@ class Scheduler:
     def submit(self, plan: NightlyPlan) -> NightlyRun:
         """Store the run record and all its jobs in one transaction."""
         record = {
-            "run_id": plan.run_id, "total": plan.total, "started_at": plan.start_at,
-            "planned_at": time.time(), "state": "running", "slot": plan.slot,
-            "ended": 0, "passed": 0, "failed": 0,
+            "run_id": plan.run_id,
+            "total": plan.total,
+            "started_at": plan.start_at,
+            "planned_at": time.time(),
+            "state": "running",
+            "slot": plan.slot,
+            "ended": 0,
+            "passed": 0,
+            "failed": 0,
         }
         script = self.client.register_script(_enqueue_source())
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.nightly(plan.run_id), mapping={k: str(v) for k, v in record.items()})
+            pipe.hset(
+                self.keys.nightly(plan.run_id), mapping={k: str(v) for k, v in record.items()}
+            )
             pipe.zadd(self.keys.nightlies, {plan.run_id: plan.start_at})
             for job, due in plan.jobs:
                 job.validate()
@@ -160,10 +181,16 @@ class Scheduler:
             pipe.execute()
         logger.info(
             "nightly %s: planned %d job(s) from %s, staggered %.0f s per arch queue",
-            plan.run_id, plan.total, _iso(plan.start_at), self.settings.nightly_stagger_s,
+            plan.run_id,
+            plan.total,
+            _iso(plan.start_at),
+            self.settings.nightly_stagger_s,
         )
         if plan.total == 0:
-            self.client.hset(self.keys.nightly(plan.run_id), mapping={"finished_at": str(time.time()), "state": "finished"})
+            self.client.hset(
+                self.keys.nightly(plan.run_id),
+                mapping={"finished_at": str(time.time()), "state": "finished"},
+            )
         self.queue.promote_due()
         return self.get(plan.run_id)
 
@@ -179,24 +206,28 @@ class Scheduler:
         if not claimed:
             return None
         plan = plan_nightly(
-            fleet, start_at=max(slot_time, now - 60), stagger_s=self.settings.nightly_stagger_s,
-            job_timeout_s=self.settings.job_timeout_s, max_attempts=self.settings.max_attempts, slot=slot,
+            fleet,
+            start_at=max(slot_time, now - 60),
+            stagger_s=self.settings.nightly_stagger_s,
+            job_timeout_s=self.settings.job_timeout_s,
+            max_attempts=self.settings.max_attempts,
+            slot=slot,
         )
         return self.submit(plan)
 
     def get(self, run_id: str) -> NightlyRun:
-        data = self.client.hgetall(self.keys.nightly(run_id))
+        data = cast(dict[bytes, bytes], self.client.hgetall(self.keys.nightly(run_id)))
         if not data:
             raise KeyError(f"unknown nightly run {run_id!r}")
         return NightlyRun.from_mapping(run_id, data)
 
     def recent(self, limit: int = 10) -> list[NightlyRun]:
-        ids = self.client.zrevrange(self.keys.nightlies, 0, limit - 1)
+        ids = cast(list[bytes], self.client.zrevrange(self.keys.nightlies, 0, limit - 1))
         return [self.get(i.decode()) for i in ids]
 
 
 def _enqueue_source() -> str:
-    from orbital.queue.scripts import script_source  # noqa: PLC0415 - avoids a cycle at import
+    from orbital.queue.scripts import script_source
 
     return script_source("enqueue")
 

@@ -60,9 +60,13 @@ def test_enqueue_refuses_bad_identifiers_and_stores_nothing(
 
 def test_job_ids_are_unique_across_processes_sortable_and_dns_labels() -> None:
     """Ids from several processes never collide, sort by time, and are DNS labels."""
-    code = "from orbital.ids import new_job_id; print('\\n'.join(new_job_id() for _ in range(2000)))"
+    code = (
+        "from orbital.ids import new_job_id; print('\\n'.join(new_job_id() for _ in range(2000)))"
+    )
     outputs = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
         for _ in range(3)
     ]
     ids = [i for out in outputs for i in out]
@@ -79,8 +83,10 @@ def test_caller_supplied_id_is_kept_and_not_replaced(queue: Queue) -> None:
     """A given id is used as is; enqueueing it again changes nothing."""
     first = queue.enqueue(lab(id="pr-42-amd64"))
     again = queue.enqueue(lab(id="pr-42-amd64", branch="other"))
-    assert first.outcome == "queued" and first.job_id == "pr-42-amd64"
-    assert again.outcome == "exists" and again.state == "queued"
+    assert first.outcome == "queued"
+    assert first.job_id == "pr-42-amd64"
+    assert again.outcome == "exists"
+    assert again.state == "queued"
     assert queue.get_job("pr-42-amd64").branch == "main"
 
 
@@ -94,7 +100,8 @@ def test_second_trigger_is_deferred_third_supersedes_it(queue: Queue, settings: 
 
     assert queue.depth("test:amd64") == 1
     old = queue.get_job(b.id)
-    assert old.state == "superseded" and old.superseded_by == c.id
+    assert old.state == "superseded"
+    assert old.superseded_by == c.id
     assert queue.get_job(c.id).state == "deferred"
 
 
@@ -106,7 +113,9 @@ def test_other_branch_and_arch_are_not_blocked(queue: Queue) -> None:
     assert queue.depths() == {"test:amd64": 2, "test:arm64": 1}
 
 
-def test_cancel_queued_job_releases_lock_and_promotes_deferred(queue: Queue, client: redis.Redis) -> None:
+def test_cancel_queued_job_releases_lock_and_promotes_deferred(
+    queue: Queue, client: redis.Redis
+) -> None:
     """Cancelling the holder lets the deferred job into the queue."""
     a, b = lab(), lab()
     queue.enqueue(a)
@@ -117,7 +126,7 @@ def test_cancel_queued_job_releases_lock_and_promotes_deferred(queue: Queue, cli
     assert queue.get_job(b.id).state == "queued"
     keys = Keys(queue.settings.prefix)
     assert client.lrange(keys.queue("test:amd64"), 0, -1) == [b.id.encode()]
-    assert client.get(keys.lock(f"acme/lab|main|amd64")) == b.id.encode()
+    assert client.get(keys.lock("acme/lab|main|amd64")) == b.id.encode()
 
 
 def test_cancelled_is_final(queue: Queue) -> None:

@@ -28,7 +28,9 @@ from tests.labs import LabFactory
 class WorkerProcess:
     """``orbital worker`` as a real child process."""
 
-    def __init__(self, settings: Settings, name: str, capacity: int = 2, log: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, name: str, capacity: int = 2, log: Path | None = None
+    ) -> None:
         self.settings = settings
         self.name = name
         self.capacity = capacity
@@ -39,15 +41,34 @@ class WorkerProcess:
         s = self.settings
         env = {
             **os.environ,
-            "ORBITAL_REDIS_URL": s.redis_url, "ORBITAL_PREFIX": s.prefix, "ORBITAL_HOME": str(s.home),
-            "ORBITAL_LEASE_S": str(s.lease_s), "ORBITAL_HEARTBEAT_TTL_S": str(s.heartbeat_ttl_s),
-            "ORBITAL_GIT_URL_TEMPLATE": s.git_url_template, "ORBITAL_MAX_ATTEMPTS": str(s.max_attempts),
+            "ORBITAL_REDIS_URL": s.redis_url,
+            "ORBITAL_PREFIX": s.prefix,
+            "ORBITAL_HOME": str(s.home),
+            "ORBITAL_LEASE_S": str(s.lease_s),
+            "ORBITAL_HEARTBEAT_TTL_S": str(s.heartbeat_ttl_s),
+            "ORBITAL_GIT_URL_TEMPLATE": s.git_url_template,
+            "ORBITAL_MAX_ATTEMPTS": str(s.max_attempts),
         }
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "orbital", "-v", "worker", "--arch", "amd64", "--capacity",
-             str(self.capacity), "--name", self.name, "--sandbox", "local"],
-            env=env, stdout=out, stderr=out,
+            [
+                sys.executable,
+                "-m",
+                "orbital",
+                "-v",
+                "worker",
+                "--arch",
+                "amd64",
+                "--capacity",
+                str(self.capacity),
+                "--name",
+                self.name,
+                "--sandbox",
+                "local",
+            ],
+            env=env,
+            stdout=out,
+            stderr=out,
         )
         return self
 
@@ -98,7 +119,11 @@ def lab_job(repo: str, **kw: object) -> Job:
 
 
 def test_sigkilled_worker_job_reruns_after_restart(
-    env: Settings, labs: LabFactory, client: redis.Redis, workers: list[WorkerProcess], tmp_path: Path
+    env: Settings,
+    labs: LabFactory,
+    client: redis.Redis,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     """A worker killed mid-job: on restart under its name the job goes back to the
     head of its queue, runs again (attempt 2) and is recorded once."""
@@ -115,12 +140,17 @@ def test_sigkilled_worker_job_reruns_after_restart(
     workers.append(WorkerProcess(env, "w-kill").start())
     wait_for(lambda: queue.get_job(job.id).is_terminal, 30, "the job to end")
     final = queue.get_job(job.id)
-    assert final.state == "passed" and final.attempts == 2
+    assert final.state == "passed"
+    assert final.attempts == 2
     assert BuildHistory(client, Keys(env.prefix)).count() == 1
 
 
 def test_dead_workers_jobs_are_recovered_by_another_worker(
-    env: Settings, labs: LabFactory, client: redis.Redis, workers: list[WorkerProcess], tmp_path: Path
+    env: Settings,
+    labs: LabFactory,
+    client: redis.Redis,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     """A worker that dies for good: once its registration expires, another worker
     takes its job; after too many attempts a job ends as lost, visible in history."""
@@ -134,8 +164,11 @@ def test_dead_workers_jobs_are_recovered_by_another_worker(
     for attempt, name in enumerate(["w-a", "w-b"], start=1):
         worker = WorkerProcess(env, name).start()
         workers.append(worker)
-        wait_for(lambda a=attempt: marker.exists() and len(marker.read_text().split()) == a, 30,
-                 f"run {attempt} to start")
+        wait_for(
+            lambda a=attempt: marker.exists() and len(marker.read_text().split()) == a,
+            30,
+            f"run {attempt} to start",
+        )
         worker.kill()
 
     survivor = WorkerProcess(env, "w-c").start()
@@ -143,26 +176,33 @@ def test_dead_workers_jobs_are_recovered_by_another_worker(
     wait_for(lambda: queue.get_job(job.id).is_terminal, 30, "the job to be declared lost")
     assert queue.get_job(job.id).state == "lost"
     record = BuildHistory(client, Keys(env.prefix)).get(job.id)
-    assert record is not None and record.status == "lost"
+    assert record is not None
+    assert record.status == "lost"
     assert not client.exists(Keys(env.prefix).lock(job.triple))
 
 
 def test_paused_worker_never_runs_a_job_twice_at_once(
-    env: Settings, labs: LabFactory, client: redis.Redis, workers: list[WorkerProcess], tmp_path: Path
+    env: Settings,
+    labs: LabFactory,
+    client: redis.Redis,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     """A worker paused past its lease: its steps are killed by the watchdog before
     another worker may start the job, and its late results are discarded."""
     ticks = tmp_path / "ticks"
     repo = labs.script_lab(
         "acme/paused",
-        f"for i in $(seq 60); do echo \"$$ $(date +%s.%N)\" >> {ticks}; sleep 0.1; done\n",
+        f'for i in $(seq 60); do echo "$$ $(date +%s.%N)" >> {ticks}; sleep 0.1; done\n',
     )
     queue = Queue(client, env)
     job = lab_job(repo)
     queue.enqueue(job)
     paused = WorkerProcess(env, "w-paused", log=tmp_path / "paused.log").start()
     workers.append(paused)
-    wait_for(lambda: ticks.exists() and len(ticks.read_text().splitlines()) > 5, 20, "the first run")
+    wait_for(
+        lambda: ticks.exists() and len(ticks.read_text().splitlines()) > 5, 20, "the first run"
+    )
     paused.signal(signal.SIGSTOP)
 
     other = WorkerProcess(env, "w-other", log=tmp_path / "other.log").start()
@@ -214,13 +254,18 @@ def test_worker_reconnects_after_redis_restart(
 
 @pytest.mark.slow
 def test_two_hundred_jobs_survive_ten_sigkills(
-    env: Settings, labs: LabFactory, client: redis.Redis, workers: list[WorkerProcess], tmp_path: Path
+    env: Settings,
+    labs: LabFactory,
+    client: redis.Redis,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     """200 jobs, a worker SIGKILLed 10 times at random moments and restarted:
     every job ends exactly once, none lost, no duplicate builds, no lock left."""
     labs.script_lab("acme/shared", "sleep 0.$((RANDOM % 4 + 1))\n")
-    env = dataclasses.replace(env, max_attempts=50,
-                              git_url_template=f"file://{labs.root / 'repos'}/acme/shared.git")
+    env = dataclasses.replace(
+        env, max_attempts=50, git_url_template=f"file://{labs.root / 'repos'}/acme/shared.git"
+    )
     queue = Queue(client, env)
     jobs = [lab_job(f"acme/r{i:03d}", max_attempts=50) for i in range(200)]
     for job in jobs:

@@ -38,8 +38,11 @@ async def run_worker(
     """Run an in-process worker until ``until()`` holds, then drain it."""
     provider = make_provider(settings, "local", "w-test")
     worker = Worker(
-        settings, WorkerConfig(arch="amd64", capacity={"test:amd64": capacity}, name="w-test",
-                               drain_timeout_s=5), provider,
+        settings,
+        WorkerConfig(
+            arch="amd64", capacity={"test:amd64": capacity}, name="w-test", drain_timeout_s=5
+        ),
+        provider,
         client=async_client(settings.redis_url),
     )
     async with anyio.create_task_group() as tg:
@@ -83,17 +86,31 @@ async def test_passing_lab_runs_every_stage(lab_settings: Settings, client: redi
     record = build_of(client, lab_settings, job)
     assert record.status == "passed"
     assert [s.name for s in record.steps] == [
-        "clone", "bats:basics.bats:greeting script exists", "bats:basics.bats:arithmetic still works",
-        "post-create", "post-start", "cluster-up", "app-deployed", "integration",
+        "clone",
+        "bats:basics.bats:greeting script exists",
+        "bats:basics.bats:arithmetic still works",
+        "post-create",
+        "post-start",
+        "cluster-up",
+        "app-deployed",
+        "integration",
     ]
-    assert len(record.commit_sha) == 40 and record.framework_version == "1.2.0"
-    assert record.worker == "w-test" and record.sandbox["kind"] == "local"
-    assert record.queue_wait_s >= 0 and record.setup_s > 0 and record.run_s > 0
+    assert len(record.commit_sha) == 40
+    assert record.framework_version == "1.2.0"
+    assert record.worker == "w-test"
+    assert record.sandbox["kind"] == "local"
+    assert record.queue_wait_s >= 0
+    assert record.setup_s > 0
+    assert record.run_s > 0
     assert Path(record.log_path).read_bytes() == read_log(client, Keys(lab_settings.prefix), job.id)
-    assert not client.exists(Keys(lab_settings.prefix).lock("orbital-demo/lab-kubernetes-101|main|amd64"))
+    assert not client.exists(
+        Keys(lab_settings.prefix).lock("orbital-demo/lab-kubernetes-101|main|amd64")
+    )
 
 
-async def test_failed_assertion_is_the_failed_step(lab_settings: Settings, client: redis.Redis) -> None:
+async def test_failed_assertion_is_the_failed_step(
+    lab_settings: Settings, client: redis.Redis
+) -> None:
     """A failing result.jsonl assertion fails the build and names the assertion."""
     queue = Queue(client, lab_settings)
     job = enqueue(queue, "orbital-demo/lab-business-events")
@@ -114,10 +131,15 @@ async def test_bats_failure_skips_stage_two(lab_settings: Settings, client: redi
     assert record.status == "failed"
     assert record.failed_step == "bats:basics.bats:required variable DT_ENDPOINT is documented"
     assert {s.name: s.status.value for s in record.steps}["integration"] == "skipped"
-    assert "post-create: installing tools" not in read_log(client, Keys(lab_settings.prefix), job.id).decode()
+    assert (
+        "post-create: installing tools"
+        not in read_log(client, Keys(lab_settings.prefix), job.id).decode()
+    )
 
 
-async def test_unit_test_job_stops_after_stage_one(lab_settings: Settings, client: redis.Redis) -> None:
+async def test_unit_test_job_stops_after_stage_one(
+    lab_settings: Settings, client: redis.Redis
+) -> None:
     """A unit-test job runs clone and BATS only."""
     queue = Queue(client, lab_settings)
     job = enqueue(queue, "orbital-demo/lab-kubernetes-101", type=JobType.UNIT_TEST)
@@ -127,32 +149,47 @@ async def test_unit_test_job_stops_after_stage_one(lab_settings: Settings, clien
     assert [s.name.split(":")[0] for s in record.steps] == ["clone", "bats", "bats"]
 
 
-async def test_missing_branch_fails_and_never_falls_back(lab_settings: Settings, client: redis.Redis) -> None:
+async def test_missing_branch_fails_and_never_falls_back(
+    lab_settings: Settings, client: redis.Redis
+) -> None:
     """A branch that does not exist fails the clone step; main is not tested instead."""
     queue = Queue(client, lab_settings)
     job = enqueue(queue, "orbital-demo/lab-kubernetes-101", branch="no-such-branch")
     await run_worker(lab_settings, ended(queue, job))
     record = build_of(client, lab_settings, job)
-    assert record.status == "failed" and record.failed_step == "clone"
+    assert record.status == "failed"
+    assert record.failed_step == "clone"
     assert "no-such-branch" in record.failure_summary
     assert [s.name for s in record.steps] == ["clone"]
 
 
-async def test_commit_is_checked_out(lab_env: Settings, labs: LabFactory, client: redis.Redis) -> None:
+async def test_commit_is_checked_out(
+    lab_env: Settings, labs: LabFactory, client: redis.Redis
+) -> None:
     """A requested commit is tested, not the branch head."""
-    repo = labs.make("acme/pinned", {".devcontainer/test/integration.sh": "test -f first\n", "first": "1"},
-                     branches={"main2": {"second": "2"}})
+    repo = labs.make(
+        "acme/pinned",
+        {".devcontainer/test/integration.sh": "test -f first\n", "first": "1"},
+        branches={"main2": {"second": "2"}},
+    )
     import subprocess
 
-    sha = subprocess.run(["git", "rev-parse", "main"], cwd=labs.root / "src" / repo,
-                         capture_output=True, text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "main"],
+        cwd=labs.root / "src" / repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     queue = Queue(client, lab_env)
     job = enqueue(queue, repo, commit=sha)
     await run_worker(lab_env, ended(queue, job))
     assert build_of(client, lab_env, job).commit_sha == sha
 
 
-async def test_back_pressure_runs_exactly_capacity(lab_env: Settings, labs: LabFactory, client: redis.Redis) -> None:
+async def test_back_pressure_runs_exactly_capacity(
+    lab_env: Settings, labs: LabFactory, client: redis.Redis
+) -> None:
     """With capacity 2 and 5 jobs queued, 2 run and 3 stay in the Redis queue."""
     queue = Queue(client, lab_env)
     jobs = [enqueue(queue, labs.script_lab(f"acme/slow-{i}", "sleep 30\n")) for i in range(5)]
@@ -186,7 +223,11 @@ async def test_cancel_running_job_kills_its_process_group(
     job = enqueue(queue, repo)
 
     def cancel_when_running(_: Worker) -> None:
-        if pidfile.exists() and len(pidfile.read_text().split()) == 2 and queue.get_job(job.id).state == "running":
+        if (
+            pidfile.exists()
+            and len(pidfile.read_text().split()) == 2
+            and queue.get_job(job.id).state == "running"
+        ):
             queue.cancel(job.id, "test cancel")
 
     await run_worker(lab_env, ended(queue, job), during=cancel_when_running)
@@ -194,22 +235,30 @@ async def test_cancel_running_job_kills_its_process_group(
     assert queue.get_job(job.id).state == "cancelled"
     assert record.status == "cancelled"
     for pid in map(int, pidfile.read_text().split()):
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )
     assert queue.cancel(job.id).outcome == "final"
 
 
-async def test_step_timeout_records_timed_out(lab_env: Settings, labs: LabFactory, client: redis.Redis) -> None:
+async def test_step_timeout_records_timed_out(
+    lab_env: Settings, labs: LabFactory, client: redis.Redis
+) -> None:
     """A step past its timeout is killed and the build is timed_out."""
     repo = labs.script_lab("acme/stuck", "sleep 60\n")
     queue = Queue(client, lab_env)
     job = enqueue(queue, repo, params={"step_timeout_s": 1})
     await run_worker(lab_env, ended(queue, job))
     record = build_of(client, lab_env, job)
-    assert record.status == "timed_out" and record.failed_step == "integration"
+    assert record.status == "timed_out"
+    assert record.failed_step == "integration"
     assert "timed out after 1 s" in record.failure_summary
 
 
-async def test_job_timeout_records_timed_out(lab_env: Settings, labs: LabFactory, client: redis.Redis) -> None:
+async def test_job_timeout_records_timed_out(
+    lab_env: Settings, labs: LabFactory, client: redis.Redis
+) -> None:
     """A job past its own timeout is killed and recorded as timed_out with the steps so far."""
     repo = labs.script_lab("acme/slowjob", "sleep 60\n", post_create="echo setting up\n")
     queue = Queue(client, lab_env)
@@ -220,7 +269,8 @@ async def test_job_timeout_records_timed_out(lab_env: Settings, labs: LabFactory
     record = build_of(client, lab_env, job)
     assert record.status == "timed_out"
     assert [s.name for s in record.steps][:2] == ["clone", "post-create"]
-    assert record.steps[-1].name == "job" and "timed out" in record.steps[-1].error
+    assert record.steps[-1].name == "job"
+    assert "timed out" in record.steps[-1].error
 
 
 async def test_secrets_are_masked_in_logs_records_and_events(
@@ -231,7 +281,7 @@ async def test_secrets_are_masked_in_logs_records_and_events(
     repo = labs.script_lab(
         "acme/leaky",
         f"printf 's3cr3t'; printf -- '-value and {token[:10]}'; echo '{token[10:]}'\n"
-        f"echo '{{\"step\":\"leak\",\"status\":\"fail\",\"error\":\"token s3cr3t-value\"}}' >> \"$RESULT_JSON\"\n"
+        f'echo \'{{"step":"leak","status":"fail","error":"token s3cr3t-value"}}\' >> "$RESULT_JSON"\n'
         "exit 1\n",
     )
     queue = Queue(client, lab_env)
@@ -242,13 +292,22 @@ async def test_secrets_are_masked_in_logs_records_and_events(
     record_raw = client.get(keys.build(job.id))
     events = b"".join(f[b"e"] for _, f in client.xrange(keys.outbox))
     job_raw = b"".join(client.hgetall(keys.job(job.id)).values())
-    for blob in (log, record_raw or b"", events, job_raw, Path(build_of(client, lab_env, job).log_path).read_bytes()):
+    for blob in (
+        log,
+        record_raw or b"",
+        events,
+        job_raw,
+        Path(build_of(client, lab_env, job).log_path).read_bytes(),
+    ):
         assert b"s3cr3t-value" not in blob
-        assert token.encode() not in blob and token[10:].encode() not in blob
+        assert token.encode() not in blob
+        assert token[10:].encode() not in blob
     assert b"***" in log
 
 
-async def test_drain_lets_running_job_finish(lab_env: Settings, labs: LabFactory, client: redis.Redis) -> None:
+async def test_drain_lets_running_job_finish(
+    lab_env: Settings, labs: LabFactory, client: redis.Redis
+) -> None:
     """On drain the worker stops claiming and the running job still completes."""
     repo = labs.script_lab("acme/short", "sleep 1\n")
     other = labs.script_lab("acme/waiting", "true\n")
@@ -258,7 +317,9 @@ async def test_drain_lets_running_job_finish(lab_env: Settings, labs: LabFactory
     def drain_once_running(worker: Worker) -> None:
         if queue.get_job(job.id).state == "running":
             worker.drain()
-            if queue.depth("test:amd64") == 0 and not client.exists(Keys(lab_env.prefix).job("late")):
+            if queue.depth("test:amd64") == 0 and not client.exists(
+                Keys(lab_env.prefix).job("late")
+            ):
                 enqueue(queue, other, id="late")
 
     await run_worker(lab_env, ended(queue, job), capacity=1, during=drain_once_running)
@@ -267,7 +328,9 @@ async def test_drain_lets_running_job_finish(lab_env: Settings, labs: LabFactory
     assert queue.get_job("late").state == "queued"
 
 
-async def test_worker_registration_is_complete_and_withdrawn(lab_env: Settings, client: redis.Redis) -> None:
+async def test_worker_registration_is_complete_and_withdrawn(
+    lab_env: Settings, client: redis.Redis
+) -> None:
     """A running worker publishes its whole registration with a TTL; a clean stop removes it."""
     keys = Keys(lab_env.prefix)
     snapshot: dict[bytes, bytes] = {}
@@ -276,8 +339,18 @@ async def test_worker_registration_is_complete_and_withdrawn(lab_env: Settings, 
         snapshot.update(client.hgetall(keys.worker("w-test")))
 
     start = time.monotonic()
-    await run_worker(lab_env, lambda: bool(snapshot) and time.monotonic() - start > 0.3, during=grab)
-    for field in (b"arch", b"capacity", b"active", b"status", b"host", b"last_heartbeat", b"sandbox"):
+    await run_worker(
+        lab_env, lambda: bool(snapshot) and time.monotonic() - start > 0.3, during=grab
+    )
+    for field in (
+        b"arch",
+        b"capacity",
+        b"active",
+        b"status",
+        b"host",
+        b"last_heartbeat",
+        b"sandbox",
+    ):
         assert field in snapshot
     assert snapshot[b"status"] == b"ready"
     assert not client.exists(keys.worker("w-test"))

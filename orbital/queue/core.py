@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -106,9 +106,7 @@ class _Base:
 class Queue(_Base):
     """Blocking queue operations on one Redis client."""
 
-    def __init__(
-        self, client: redis.Redis, settings: Settings, clock: Clock = time.time
-    ) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = time.time) -> None:
         super().__init__(settings, clock)
         self.client = client
         self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
@@ -148,7 +146,7 @@ class Queue(_Base):
         Raises:
             UnknownJobError: if no job with that id exists (or it expired).
         """
-        data = self.client.hgetall(self.keys.job(job_id))
+        data = cast(dict[bytes, bytes], self.client.hgetall(self.keys.job(job_id)))
         if not data:
             raise UnknownJobError(f"unknown job {job_id!r}: no record in Redis")
         return Job.from_mapping(data)
@@ -162,11 +160,11 @@ class Queue(_Base):
         return [Job.from_mapping(d) for d in pipe.execute() if d]
 
     def queue_names(self) -> list[str]:
-        return sorted(_text(n) for n in self.client.smembers(self.keys.queues))
+        return sorted(_text(n) for n in cast(set[bytes], self.client.smembers(self.keys.queues)))
 
     def depth(self, queue: str) -> int:
         """Number of jobs waiting in ``queue`` (the true count: LLEN of the list)."""
-        return int(self.client.llen(self.keys.queue(queue)))
+        return int(cast(int, self.client.llen(self.keys.queue(queue))))
 
     def depths(self) -> dict[str, int]:
         names = self.queue_names()
@@ -177,12 +175,13 @@ class Queue(_Base):
 
     def active_jobs(self, limit: int = 1000) -> list[Job]:
         """Jobs not yet ended (scheduled, deferred, queued, running), oldest first."""
-        ids = [_text(i) for i in self.client.zrange(self.keys.jobs_active, 0, limit - 1)]
+        active = cast(list[bytes], self.client.zrange(self.keys.jobs_active, 0, limit - 1))
+        ids = [_text(i) for i in active]
         return self.get_jobs(ids)
 
     def ended_jobs(self, limit: int = 100) -> list[Job]:
         """The most recently ended jobs, newest first."""
-        ids = self.client.zrevrange(self.keys.jobs_ended, 0, limit - 1)
+        ids = cast(list[bytes], self.client.zrevrange(self.keys.jobs_ended, 0, limit - 1))
         return self.get_jobs(_text(i) for i in ids)
 
     def promote_due(self, batch: int = 500) -> int:
@@ -192,9 +191,11 @@ class Queue(_Base):
     def reap(self) -> ReapReport:
         """Hand back jobs claimed by dead workers or whose lease expired."""
         report = ReapReport()
-        for worker_id in sorted(_text(w) for w in self.client.smembers(self.keys.workers)):
+        workers = cast(set[bytes], self.client.smembers(self.keys.workers))
+        for worker_id in sorted(_text(w) for w in workers):
             dead = not self.client.exists(self.keys.worker(worker_id))
-            claimed = [_text(j) for j in self.client.lrange(self.keys.claimed(worker_id), 0, -1)]
+            claimed_ids = cast(list[bytes], self.client.lrange(self.keys.claimed(worker_id), 0, -1))
+            claimed = [_text(j) for j in claimed_ids]
             for job_id in claimed:
                 outcome = _text(self._run("reap", job_id, worker_id, "1" if dead else "0"))
                 report.add(outcome, job_id)
@@ -221,7 +222,11 @@ class AsyncQueue(_Base):
         """Block up to ``timeout_s`` for a job and move its id into the worker's
         claimed list; return the id, or None if the queue stayed empty."""
         job_id = await self.client.blmove(
-            self.keys.queue(queue), self.keys.claimed(worker_id), timeout_s, "RIGHT", "LEFT"
+            self.keys.queue(queue),
+            self.keys.claimed(worker_id),
+            timeout_s,  # type: ignore[arg-type]  # redis-py's stub says int; Redis takes seconds as a float
+            "RIGHT",
+            "LEFT",
         )
         return None if job_id is None else _text(job_id)
 

@@ -12,7 +12,17 @@ from importlib import resources
 
 __all__ = ["SCRIPT_NAMES", "clock_args", "script_source"]
 
-SCRIPT_NAMES = ("enqueue", "promote", "start", "renew", "finish", "cancel", "reap", "update", "handback")
+SCRIPT_NAMES = (
+    "enqueue",
+    "promote",
+    "start",
+    "renew",
+    "finish",
+    "cancel",
+    "reap",
+    "update",
+    "handback",
+)
 
 
 @cache
