@@ -206,6 +206,13 @@ def _triage_table(entries: Iterable[Any]) -> str:
 @click.option(
     "--queue", "queues", multiple=True, help="Serve these queues instead (name or name=capacity)."
 )
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="On SIGTERM, seconds running jobs get before they go back to their queue.",
+)
 def worker(
     arch: str,
     capacity: int,
@@ -214,6 +221,7 @@ def worker(
     sandbox: str | None,
     name: str,
     queues: tuple[str, ...],
+    drain_timeout: float,
 ) -> None:
     """Run a worker against the configured Redis until SIGTERM (then drain)."""
     from orbital.sandboxes.select import make_provider
@@ -232,7 +240,7 @@ def worker(
             queue_name, _, number = item.partition("=")
             plan[queue_name] = int(number or capacity)
     provider = make_provider(settings, settings.sandbox, name or None)
-    config = WorkerConfig(arch=arch, capacity=plan, name=name)
+    config = WorkerConfig(arch=arch, capacity=plan, name=name, drain_timeout_s=drain_timeout)
     engine = Worker(settings, config, provider, redis_url=resolve_redis_url(settings))
     anyio.run(engine.run)
 
