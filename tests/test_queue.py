@@ -196,3 +196,14 @@ def test_events_are_written_with_the_transition(queue: Queue, client: redis.Redi
     assert deferred["data"]["repository.name"] == "acme/lab"
     assert deferred["data"]["arch"] == "amd64"
     assert "commit_sha" not in deferred["data"]  # unknown yet: left out, never a placeholder
+
+
+def test_secrets_in_job_params_are_masked_before_storing(queue: Queue, client: redis.Redis) -> None:
+    """A secret passed inside a job's parameters never reaches the job record."""
+    job = lab(params={"note": "token s3cr3t-value", "nested": [{"t": "ghp_" + "x" * 36}], "n": 3})
+    queue.enqueue(job)
+    raw = client.hget(Keys(queue.settings.prefix).job(job.id), "params")
+    assert raw is not None
+    assert b"s3cr3t-value" not in raw
+    assert b"ghp_" + b"x" * 36 not in raw
+    assert queue.get_job(job.id).params["n"] == 3

@@ -26,6 +26,7 @@ import redis.asyncio
 from orbital.errors import UnknownJobError
 from orbital.jobs import Job
 from orbital.keys import Keys
+from orbital.masking import mask_text
 from orbital.queue.scripts import SCRIPT_NAMES, clock_args, script_source
 from orbital.settings import Settings
 
@@ -84,6 +85,18 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _masked(value: Any, secrets: list[str]) -> Any:
+    """``value`` with every string inside it masked: job records never hold secrets,
+    even when a caller passes one in a job's parameters."""
+    if isinstance(value, str):
+        return mask_text(value, secrets)
+    if isinstance(value, dict):
+        return {k: _masked(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, secrets) for v in value]
+    return value
+
+
 def _job_fields(job: Job) -> str:
     mapping = job.to_mapping()
     mapping.pop("state", None)
@@ -123,6 +136,7 @@ class Queue(_Base):
                 is refused; nothing is stored then.
         """
         job.validate()
+        job.params = _masked(job.params, self.settings.secret_values())
         if not job.max_attempts:
             job.max_attempts = self.settings.max_attempts
         outcome, detail = self._run("enqueue", job.id, _job_fields(job), due_at)
