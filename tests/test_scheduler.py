@@ -14,6 +14,7 @@ import redis
 
 from orbital.errors import ConfigError
 from orbital.fleet import load_fleet
+from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
 from orbital.scheduler import Scheduler, next_nightly, plan_nightly
@@ -111,3 +112,24 @@ def test_nightly_run_record_closes_when_all_jobs_end(
     keys = Keys(settings.prefix)
     summaries = [f[b"e"] for _, f in client.xrange(keys.outbox) if b"nightly.summary" in f[b"e"]]
     assert len(summaries) == 1
+
+
+def test_superseded_nightly_job_still_closes_the_run(
+    client: redis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """A nightly job replaced by a newer trigger counts as ended, so the run closes."""
+    registry = tmp_path / "repos.yaml"
+    registry.write_text(
+        "repos:\n  - name: a\n    repo: acme/a\n    status: active\n    arch: amd64\n"
+    )
+    queue = Queue(client, settings)
+    scheduler = Scheduler(client, settings, queue)
+    holder = Job(type=JobType.INTEGRATION_TEST, repo="acme/a", arch="amd64")
+    queue.enqueue(holder)
+    run = scheduler.submit(plan_nightly(load_fleet(registry), start_at=queue.clock(), stagger_s=0))
+    nightly_job = next(j for j in queue.active_jobs() if j.nightly_id == run.run_id)
+    assert nightly_job.state == "deferred"
+    queue.enqueue(Job(type=JobType.INTEGRATION_TEST, repo="acme/a", arch="amd64"))
+    done = scheduler.get(run.run_id)
+    assert done.finished
+    assert (done.ended, done.superseded) == (1, 1)

@@ -76,6 +76,40 @@ local function set_state(jid, state, fields)
   redis.call('HSET', job_key(jid), unpack(args))
 end
 
+-- Count an ended job in its nightly run; the last one closes the run.
+local function count_in_nightly(j, state)
+  if j.nightly_id == nil or j.nightly_id == '' then return end
+  local nk = k('nightly', j.nightly_id)
+  if redis.call('EXISTS', nk) == 0 then return end
+  local bucket = state
+  if FAILING[state] then bucket = 'failed' end
+  redis.call('HINCRBY', nk, bucket, 1)
+  local ended = redis.call('HINCRBY', nk, 'ended', 1)
+  local total = tonumber(redis.call('HGET', nk, 'total') or '0')
+  if ended == total then
+    local n = {}
+    local flat = redis.call('HGETALL', nk)
+    for i = 1, #flat, 2 do n[flat[i]] = flat[i + 1] end
+    local passed = tonumber(n.passed or '0')
+    local failed = tonumber(n.failed or '0')
+    local started = tonumber(n.started_at or NOW)
+    local rate = 0
+    if passed + failed > 0 then rate = passed / (passed + failed) end
+    redis.call('HSET', nk, 'finished_at', NOW, 'state', 'finished',
+               'pass_rate', tostring(rate))
+    local event = {
+      specversion = '1.0', id = j.nightly_id .. '.nightly.summary',
+      source = 'orbital/' .. P, type = 'nightly.summary', subject = j.nightly_id,
+      time = ISO, datacontenttype = 'application/json',
+      data = {['nightly.run_id'] = j.nightly_id, total = total, passed = passed,
+              failed = failed, cancelled = tonumber(n.cancelled or '0'),
+              superseded = tonumber(n.superseded or '0'),
+              pass_rate = rate, duration_s = NOW - started},
+    }
+    redis.call('XADD', k('events', 'outbox'), '*', 'e', cjson.encode(event))
+  end
+end
+
 -- Put a job whose hash exists into its queue, unless its triple is busy.
 -- Returns 'queued' or 'deferred'.
 local function admit(jid)
@@ -98,9 +132,7 @@ local function admit(jid)
         redis.call('ZADD', k('jobs', 'ended'), NOW, older)
         local o = load_job(older)
         emit('build.superseded', o, {['superseded_by'] = jid})
-        if o.nightly_id and o.nightly_id ~= '' then
-          redis.call('HINCRBY', k('nightly', o.nightly_id), 'superseded', 1)
-        end
+        count_in_nightly(o, 'superseded')
       end
       redis.call('SET', dkey, jid)
       set_state(jid, 'deferred', {deferred_behind = holder})
@@ -135,40 +167,6 @@ local function release_lock(j)
   else
     redis.call('DEL', lock)
     redis.call('SREM', k('locks'), triple)
-  end
-end
-
--- Count an ended job in its nightly run; the last one closes the run.
-local function count_in_nightly(j, state)
-  if j.nightly_id == nil or j.nightly_id == '' then return end
-  local nk = k('nightly', j.nightly_id)
-  if redis.call('EXISTS', nk) == 0 then return end
-  local bucket = state
-  if FAILING[state] then bucket = 'failed' end
-  redis.call('HINCRBY', nk, bucket, 1)
-  local ended = redis.call('HINCRBY', nk, 'ended', 1)
-  local total = tonumber(redis.call('HGET', nk, 'total') or '0')
-  if ended == total then
-    local n = {}
-    local flat = redis.call('HGETALL', nk)
-    for i = 1, #flat, 2 do n[flat[i]] = flat[i + 1] end
-    local passed = tonumber(n.passed or '0')
-    local failed = tonumber(n.failed or '0')
-    local started = tonumber(n.started_at or NOW)
-    local rate = 0
-    if passed + failed > 0 then rate = passed / (passed + failed) end
-    redis.call('HSET', nk, 'finished_at', NOW, 'state', 'finished',
-               'pass_rate', tostring(rate))
-    local event = {
-      specversion = '1.0', id = j.nightly_id .. '.nightly.summary',
-      source = 'orbital/' .. P, type = 'nightly.summary', subject = j.nightly_id,
-      time = ISO, datacontenttype = 'application/json',
-      data = {['nightly.run_id'] = j.nightly_id, total = total, passed = passed,
-              failed = failed, cancelled = tonumber(n.cancelled or '0'),
-              superseded = tonumber(n.superseded or '0'),
-              pass_rate = rate, duration_s = NOW - started},
-    }
-    redis.call('XADD', k('events', 'outbox'), '*', 'e', cjson.encode(event))
   end
 end
 
