@@ -360,3 +360,32 @@ def test_dead_pids_do_not_linger(tmp_path: Path) -> None:
     """Sanity: /proc checks used above see a killed process as gone."""
     pid = os.getpid()
     assert Path(f"/proc/{pid}").exists()
+
+
+async def test_handler_crash_ends_job_as_error(settings: Settings, client: redis.Redis) -> None:
+    """A handler that raises ends its job as error once, not in a retry loop."""
+
+    async def broken(ctx: object) -> object:
+        raise RuntimeError("handler bug")
+
+    queue = Queue(client, settings)
+    job = Job(type=JobType.SYNC, repo="acme/lab", params={"action": "drift"})
+    queue.enqueue(job)
+    worker = Worker(
+        settings,
+        WorkerConfig(
+            arch="amd64", capacity={"sync": 1}, name="w-crash", handlers={JobType.SYNC: broken}
+        ),  # type: ignore[dict-item]
+        make_provider(settings, "local", "w-crash"),
+        client=async_client(settings.redis_url),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: worker.run(handle_signals=False))
+        with anyio.fail_after(20):
+            while not queue.get_job(job.id).is_terminal:
+                await anyio.sleep(0.05)
+        worker.drain()
+    stored = queue.get_job(job.id)
+    assert stored.state == "error"
+    assert stored.attempts == 1
+    assert "RuntimeError: handler bug" in stored.error

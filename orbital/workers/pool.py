@@ -122,7 +122,9 @@ class Worker:
             logger.info(
                 "worker %s: draining: no new claims; %d running job(s) get %.0f s to finish, "
                 "then go back to their queues",
-                self.worker_id, len(self._running), self.config.drain_timeout_s,
+                self.worker_id,
+                len(self._running),
+                self.config.drain_timeout_s,
             )
             self._draining.set()
 
@@ -141,7 +143,8 @@ class Worker:
             await self._heartbeat_once("ready")
             logger.info(
                 "worker %s: ready: arch %s, queues %s, sandbox %s",
-                self.worker_id, self.config.arch,
+                self.worker_id,
+                self.config.arch,
                 ", ".join(f"{q}x{n}" for q, n in sorted(self.config.capacity.items())),
                 self.provider.describe().get("kind"),
             )
@@ -165,7 +168,9 @@ class Worker:
         try:
             await self.registration.withdraw(client, self.keys)
         except _REDIS_ERRORS as err:
-            logger.warning("worker %s: could not withdraw its registration: %s", self.worker_id, err)
+            logger.warning(
+                "worker %s: could not withdraw its registration: %s", self.worker_id, err
+            )
         await self.provider.close()
         if self._client is None:
             await client.aclose()
@@ -197,7 +202,10 @@ class Worker:
             report = await self.queue.reap()
             logger.warning(
                 "worker %s: found %d job(s) claimed by its previous run; requeued %d, lost %d",
-                self.worker_id, len(claimed), report.count("requeued"), report.count("lost"),
+                self.worker_id,
+                len(claimed),
+                report.count("requeued"),
+                report.count("lost"),
             )
 
     # background loops -----------------------------------------------------
@@ -216,7 +224,10 @@ class Worker:
                 await self._heartbeat_once(status)
             except _REDIS_ERRORS as err:
                 logger.warning(
-                    "worker %s: heartbeat failed (%s); retrying in %.1f s", self.worker_id, err, interval
+                    "worker %s: heartbeat failed (%s); retrying in %.1f s",
+                    self.worker_id,
+                    err,
+                    interval,
                 )
 
     async def _reaper_loop(self) -> None:
@@ -225,8 +236,12 @@ class Worker:
                 await self.queue.promote_due()
                 await self.queue.reap()
             except _REDIS_ERRORS as err:
-                logger.warning("worker %s: reaper pass failed (%s); next pass in %.1f s",
-                               self.worker_id, err, self.config.reap_interval_s)
+                logger.warning(
+                    "worker %s: reaper pass failed (%s); next pass in %.1f s",
+                    self.worker_id,
+                    err,
+                    self.config.reap_interval_s,
+                )
             await anyio.sleep(self.config.reap_interval_s)
 
     async def _claim_loop(
@@ -240,12 +255,17 @@ class Worker:
                 # Shielded: a BLMOVE cut off after the server moved the id would leave
                 # the job in our claimed list without anyone running it.
                 with anyio.CancelScope(shield=True):
-                    job_id = await self.queue.claim(queue, self.worker_id, self.config.claim_timeout_s)
+                    job_id = await self.queue.claim(
+                        queue, self.worker_id, self.config.claim_timeout_s
+                    )
             except _REDIS_ERRORS as err:
                 slots.release()
                 logger.warning(
                     "worker %s: cannot claim from %s (%s); reconnecting in %.1f s",
-                    self.worker_id, queue, err, backoff,
+                    self.worker_id,
+                    queue,
+                    err,
+                    backoff,
                 )
                 await anyio.sleep(backoff)
                 backoff = min(_MAX_BACKOFF_S, backoff * 2)
@@ -280,7 +300,9 @@ class Worker:
         try:
             await self._run_job(job_id)
         except Exception:
-            logger.exception("worker %s: job %s crashed the worker's job task", self.worker_id, job_id)
+            logger.exception(
+                "worker %s: job %s crashed the worker's job task", self.worker_id, job_id
+            )
         finally:
             slots.release()
 
@@ -288,7 +310,12 @@ class Worker:
         token = secrets.token_hex(8)
         outcome, detail = await self.queue.start(job_id, self.worker_id, token)
         if outcome != "ok":
-            logger.info("worker %s: job %s was %s before it started; skipped", self.worker_id, job_id, detail or outcome)
+            logger.info(
+                "worker %s: job %s was %s before it started; skipped",
+                self.worker_id,
+                job_id,
+                detail or outcome,
+            )
             return
         job = await self.queue.get_job(job_id)
         queue_wait = float(detail)
@@ -297,7 +324,14 @@ class Worker:
         self._running[job_id] = run
         logger.info(
             "worker %s: job %s started: %s %s %s@%s (attempt %d, waited %.2f s)",
-            self.worker_id, job_id, job.type, job.repo, job.branch, job.arch, job.attempts, queue_wait,
+            self.worker_id,
+            job_id,
+            job.type,
+            job.repo,
+            job.branch,
+            job.arch,
+            job.attempts,
+            queue_wait,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -310,19 +344,37 @@ class Worker:
 
     async def _execute(self, run: _Running, queue_wait: float) -> JobResult:
         ctx = JobContext(
-            job=run.job, token=run.token, worker_id=self.worker_id, settings=self.settings,
-            queue=self.queue, client=self.client, keys=self.keys, provider=self.provider,
-            queue_wait_s=queue_wait, cancel_scope=run.scope,
+            job=run.job,
+            token=run.token,
+            worker_id=self.worker_id,
+            settings=self.settings,
+            queue=self.queue,
+            client=self.client,
+            keys=self.keys,
+            provider=self.provider,
+            queue_wait_s=queue_wait,
+            cancel_scope=run.scope,
         )
         run.ctx = ctx
         handler = self.handlers.get(run.job.type)
         if handler is None:
-            return JobResult.error(f"worker {self.worker_id} has no handler for job type {run.job.type}")
+            return JobResult.error(
+                f"worker {self.worker_id} has no handler for job type {run.job.type}"
+            )
         with run.scope:
-            return await handler(ctx)
+            try:
+                return await handler(ctx)
+            except Exception as err:
+                # A handler bug ends this job as error instead of leaving it to be
+                # reaped and retried into the same crash.
+                logger.exception(
+                    "worker %s: job %s: handler for %s failed; recording error",
+                    self.worker_id,
+                    run.job.id,
+                    run.job.type,
+                )
+                return JobResult.error(f"{type(err).__name__}: {err}")
         # Reached only when the scope was cancelled: cancel, timeout, lost lease or drain.
-        if not run.reason and run.scope.cancel_called:
-            run.reason = "timed_out"
         return ctx.interrupted(run.reason or "timed_out")
 
     async def _keep_lease(self, run: _Running) -> None:
@@ -336,22 +388,35 @@ class Worker:
                 if silent_s > self.settings.lease_s:
                     logger.error(
                         "worker %s: job %s: Redis unreachable for %.0f s, past the lease; "
-                        "killing the job since another worker may take it", self.worker_id, run.job.id, silent_s,
+                        "killing the job since another worker may take it",
+                        self.worker_id,
+                        run.job.id,
+                        silent_s,
                     )
                     run.reason = "lost"
                     run.scope.cancel()
                     return
-                logger.warning("worker %s: job %s: lease renewal failed (%s); retrying",
-                               self.worker_id, run.job.id, err)
+                logger.warning(
+                    "worker %s: job %s: lease renewal failed (%s); retrying",
+                    self.worker_id,
+                    run.job.id,
+                    err,
+                )
                 continue
             last_ok = time.monotonic()
             if status == "ok":
                 if run.ctx is not None and run.ctx.sandbox is not None:
                     await run.ctx.sandbox.lease_renewed()
                 continue
+            if run.reason:
+                continue  # already killing it; keep the lease while it dies
             run.reason = "cancelled" if status == "cancelled" else "lost"
-            logger.warning("worker %s: job %s %s; killing its processes", self.worker_id, run.job.id,
-                           "was cancelled" if status == "cancelled" else "lost its lease to another worker")
+            logger.warning(
+                "worker %s: job %s %s; killing its processes",
+                self.worker_id,
+                run.job.id,
+                "was cancelled" if status == "cancelled" else "lost its lease to another worker",
+            )
             run.scope.cancel()
             if status == "lost":
                 return
@@ -359,18 +424,35 @@ class Worker:
     async def _finish(self, run: _Running, result: JobResult) -> None:
         job = run.job
         if run.reason == "lost":
-            logger.warning("worker %s: job %s: results discarded (lease lost)", self.worker_id, job.id)
+            logger.warning(
+                "worker %s: job %s: results discarded (lease lost)", self.worker_id, job.id
+            )
             return
         if run.reason == "drain":
             outcome = await self._retry(self.queue.handback, job.id, self.worker_id, run.token)
-            logger.info("worker %s: job %s handed back while draining: %s", self.worker_id, job.id, outcome)
+            logger.info(
+                "worker %s: job %s handed back while draining: %s", self.worker_id, job.id, outcome
+            )
             return
         outcome, state = await self._retry(
-            self.queue.finish, job.id, self.worker_id, run.token, result.state,
-            build=result.build, fields=result.fields, events=result.events,
+            self.queue.finish,
+            job.id,
+            self.worker_id,
+            run.token,
+            result.state,
+            build=result.build,
+            fields=result.fields,
+            events=result.events,
         )
         elapsed = time.time() - (job.started_at or time.time())
-        logger.info("worker %s: job %s ended %s after %.1f s (%s)", self.worker_id, job.id, state or result.state, elapsed, outcome)
+        logger.info(
+            "worker %s: job %s ended %s after %.1f s (%s)",
+            self.worker_id,
+            job.id,
+            state or result.state,
+            elapsed,
+            outcome,
+        )
 
     async def _retry(self, func: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
         """Retry a final write through a Redis outage until it lands (or the lease
@@ -380,8 +462,13 @@ class Worker:
             try:
                 return await func(*args, **kwargs)
             except _REDIS_ERRORS as err:
-                logger.warning("worker %s: final write for a job failed (%s); retry %d in %.1f s",
-                               self.worker_id, err, attempt, delay)
+                logger.warning(
+                    "worker %s: final write for a job failed (%s); retry %d in %.1f s",
+                    self.worker_id,
+                    err,
+                    attempt,
+                    delay,
+                )
                 await anyio.sleep(delay)
                 delay = min(_MAX_BACKOFF_S, delay * 2)
         return math.nan
