@@ -39,12 +39,17 @@ class MaskingFilter(logging.Filter):
         self.secrets = secrets
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-            record.exc_text = None
-        record.msg, record.args = mask_text(message, self.secrets), None
+        # A filter that raises would raise inside the logging call; a record that cannot
+        # be formatted is replaced by a note instead (it may hold a secret).
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            masked = mask_text(message, self.secrets)
+        except Exception as err:
+            masked = f"(unprintable log record from {record.name}: {type(err).__name__})"
+        record.msg, record.args = masked, None
+        record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -54,15 +59,21 @@ class BadRequestFilter(logging.Filter):
     the log with tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self._shorten(record)
+        except Exception:  # never let the log call itself fail
+            logging.getLogger(__name__).debug("could not shorten %r", record.msg)
+        return True
+
+    def _shorten(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
         status = getattr(error, "code", None)
         if error is not None and status == 400 and type(error).__module__.startswith("aiohttp"):
-            first_line = str(getattr(error, "message", "")).strip().splitlines()[:1]
-            record.msg = "%s; answered 400: %s"
-            record.args = (record.getMessage(), first_line[0][:200] if first_line else "")
+            lines = str(getattr(error, "message", "")).strip().splitlines()
+            what = lines[0][:200] if lines else "not valid HTTP"
+            record.msg, record.args = f"{record.getMessage()}; answered 400: {what}", None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:
