@@ -7,7 +7,8 @@ one sends, the others stand by and take over when it dies. SIGTERM or SIGINT
 stops it cleanly; a batch that was being retried stays in the outbox for the
 next run.
 
-Exit status: 0 after a clean stop, 2 when the configuration is unusable.
+Exit status: 0 after a clean stop, 1 after a crash (logged with its traceback), 2
+when the configuration is unusable.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    shipper.run()
+    try:
+        shipper.run()
+    except Exception:
+        logger.exception("event shipper: crashed; unsent events stay in the outbox")
+        return 1
     return 0
 
 

@@ -19,6 +19,9 @@ with given statuses (429 carries ``Retry-After``); ``poison_ids`` are refused as
 invalid; ``max_body_bytes`` answers 413 above a size; ``delay_s`` makes every
 answer slow (the events of a slow request are accepted once its body was read,
 like a real server that keeps working when the client goes away).
+
+Run on its own (``python -m tests.dynatrace_fake --token T``) it serves until
+stdin closes; ``GET /_fake/stats`` then reports how many events it accepted.
 """
 
 from __future__ import annotations
@@ -236,6 +239,11 @@ class FakeDynatrace:
     def _answer(
         self, record: IngestRequest, length: str | None
     ) -> tuple[int, dict[str, str], bytes]:
+        if record.method == "GET" and record.path == "/_fake/stats":
+            with self.lock:
+                stats = {"accepted": len(self.accepted), "requests": len(self.requests)}
+            stats["duplicates"] = len(self.duplicates())
+            return 200, {}, json.dumps(stats).encode()
         if record.path != self.base_path + INGEST_PATH:
             return _error(404, f"no endpoint {record.path}")
         if record.method != "POST":
@@ -380,3 +388,24 @@ def order_by_subject(events: list[dict[str, Any]]) -> dict[str, list[str]]:
         seen.add(event["id"])
         order.setdefault(event["subject"], []).append(event["id"])
     return order
+
+
+def main() -> None:
+    """Serve the fake on 127.0.0.1 in its own process (the benchmark uses this so the
+    fake does not share a GIL with the shipper): prints ``port <n>`` and serves until
+    stdin closes. ``GET /_fake/stats`` reports what it accepted."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Local Dynatrace business-events ingest fake")
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    fake = FakeDynatrace(args.token, port=args.port).start()
+    print(f"port {fake.port}", flush=True)
+    sys.stdin.read()
+    fake.down()
+
+
+if __name__ == "__main__":
+    main()

@@ -396,3 +396,21 @@ def test_dead_letters_can_be_replayed(
 
     assert sorted(fake.accepted_ids()) == sorted(e["id"] for e in events)
     assert client.llen(keys.dead_letters) == 0
+
+
+def test_a_deleted_outbox_is_recreated_and_shipping_goes_on(
+    client: redis.Redis, settings: Settings, fake: FakeDynatrace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If someone deletes the outbox stream (and its group) the shipper recreates the
+    group and ships what is written afterwards."""
+    caplog.set_level(logging.WARNING, "orbital.events")
+    emit_all(client, settings, job_events(settings.prefix, jobs=1, per_job=2))
+
+    with running(Shipper(shipper_settings(settings, fake))):
+        assert fake.wait_for(2)
+        client.delete(Keys(settings.prefix).outbox)
+        wait_until(lambda: "consumer group was deleted" in caplog.text)
+        emit_all(client, settings, job_events(settings.prefix, jobs=1, per_job=3, start=2))
+        assert fake.wait_for(5)
+
+    assert fake.duplicates() == {}

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -63,12 +64,30 @@ return redis.call('XADD', KEYS[2], '*', ARGV[1], record.raw)
 
 @dataclass(frozen=True)
 class OutboxEntry:
-    """One stream entry: its id, the event JSON as stored, and the parsed event
-    (None when the entry is not a JSON object: it is dead-lettered unsent)."""
+    """One stream entry: its id and the event JSON exactly as stored.
+
+    The JSON is parsed only when something needs a field (a dead letter, a log
+    line): shipping sends the stored bytes unchanged, and parsing every event
+    would cost as much as sending it.
+    """
 
     stream_id: str
     raw: bytes
-    event: dict[str, Any] | None
+
+    @property
+    def well_formed(self) -> bool:
+        """Whether the entry holds something shaped like a JSON object. One that does
+        not is dead-lettered unsent; one that only looks like it is refused by the API."""
+        return self.raw[:1] == b"{" and self.raw[-1:] == b"}"
+
+    @cached_property
+    def event(self) -> dict[str, Any] | None:
+        """The parsed event, or None when the entry is not a JSON object."""
+        try:
+            event = json.loads(self.raw)
+        except ValueError:
+            return None
+        return event if isinstance(event, dict) else None
 
     @property
     def event_id(self) -> str:
@@ -270,15 +289,10 @@ def _entry(stream_id: str, fields: dict[Any, Any]) -> OutboxEntry:
     raw = fields.get(OUTBOX_FIELD.encode(), fields.get(OUTBOX_FIELD))
     if isinstance(raw, str):
         raw = raw.encode()
-    if not isinstance(raw, bytes):
-        return OutboxEntry(
-            stream_id, json.dumps({_text(k): _text(v) for k, v in fields.items()}).encode(), None
-        )
-    try:
-        event = json.loads(raw)
-    except ValueError:
-        return OutboxEntry(stream_id, raw, None)
-    return OutboxEntry(stream_id, raw, event if isinstance(event, dict) else None)
+    if not isinstance(raw, bytes):  # no e field: keep what there is for the dead letter
+        raw = json.dumps({_text(k): _text(v) for k, v in fields.items()}).encode()
+        return OutboxEntry(stream_id, b"fields " + raw)
+    return OutboxEntry(stream_id, raw)
 
 
 def _sync(reply: Any) -> Any:

@@ -155,6 +155,15 @@ class Shipper:
             self._report()
         except _Interrupted:
             return
+        except redis.exceptions.ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            logger.warning(
+                "shipper %s: the outbox or its consumer group was deleted; recreating the group",
+                self.name,
+            )
+            self.outbox.ensure_group()
+            self.outbox.rewind()
         except _REDIS_ERRORS as err:
             self.outbox.rewind()
             delay = min(5.0, self.settings.shipper_backoff_max_s)
@@ -240,12 +249,12 @@ class Shipper:
 
     # one batch ----------------------------------------------------------------
     def _deliver(self, entries: list[OutboxEntry]) -> None:
-        broken = [e for e in entries if e.event is None]
+        broken = [e for e in entries if not e.well_formed]
         if broken:
             self._settle(
                 [], [DeadLetter(e, "outbox entry is not a JSON object", 0) for e in broken]
             )
-        for chunk in _chunks([e for e in entries if e.event is not None], self._max_bytes):
+        for chunk in _chunks([e for e in entries if e.well_formed], self._max_bytes):
             self._send(chunk)
 
     def _send(self, chunk: Sequence[OutboxEntry]) -> None:
