@@ -36,12 +36,12 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orbital.events import BATCH_CONTENT_TYPE, GROUP, Shipper, emit, encode, job_event  # noqa: E402
+from orbital.events import BATCH_CONTENT_TYPE, Shipper, emit, encode, job_event  # noqa: E402
 from orbital.jobs import Job, JobType  # noqa: E402
 from orbital.keys import Keys  # noqa: E402
 from orbital.queue import Queue  # noqa: E402
 from orbital.settings import Settings  # noqa: E402
-from tests.dynatrace_fake import job_events  # noqa: E402
+from tests.dynatrace_fake import job_events, outbox_settled  # noqa: E402
 
 __all__ = ["main"]
 
@@ -230,7 +230,7 @@ def ship_once(client: redis.Redis, settings: Settings, count: int) -> float:
     thread = threading.Thread(target=shipper.run, daemon=True)
     started = time.perf_counter()
     thread.start()
-    while client.xlen(keys.outbox) or client.xpending(keys.outbox, GROUP)["pending"]:
+    while not outbox_settled(client, keys):
         time.sleep(0.002)
     elapsed = time.perf_counter() - started
     shipper.stop()

@@ -37,11 +37,22 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
-from orbital.events import Shipper, cloud_event
+import redis
 
-__all__ = ["FakeDynatrace", "IngestRequest", "job_events", "order_by_subject", "running"]
+from orbital.events import GROUP, Shipper, cloud_event
+from orbital.keys import Keys
+
+__all__ = [
+    "FakeDynatrace",
+    "IngestRequest",
+    "job_events",
+    "order_by_subject",
+    "outbox_entries",
+    "outbox_settled",
+    "running",
+]
 
 INGEST_PATH = "/api/v2/bizevents/ingest"
 BATCH_TYPE = "application/cloudevents-batch+json"
@@ -409,3 +420,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def outbox_entries(client: redis.Redis, keys: Keys) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the outbox stream, oldest first."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.outbox))
+
+
+def outbox_settled(client: redis.Redis, keys: Keys) -> bool:
+    """Nothing left in the outbox and nothing pending in the shipper group."""
+    pending = cast(dict[str, Any], client.xpending(keys.outbox, GROUP))
+    return client.xlen(keys.outbox) == 0 and pending["pending"] == 0

@@ -27,13 +27,14 @@ from orbital.keys import Keys
 from orbital.queue import Queue
 from orbital.settings import Settings
 from orbital.workers.registration import Registration
+from tests.dynatrace_fake import outbox_entries
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TOP_LEVEL = {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data"}
 
 
 def outbox_events(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    return [json.loads(fields[b"e"]) for _id, fields in client.xrange(keys.outbox)]
+    return [json.loads(fields[b"e"]) for _id, fields in outbox_entries(client, keys)]
 
 
 def lab_job(**overrides: Any) -> Job:
@@ -147,7 +148,7 @@ def test_emit_appends_one_entry_with_the_event_in_field_e(
 
     entry_id = emit(client, keys, event)
 
-    [(stored_id, fields)] = client.xrange(keys.outbox)
+    [(stored_id, fields)] = outbox_entries(client, keys)
     assert stored_id.decode() == entry_id
     assert list(fields) == [b"e"]
     assert json.loads(fields[b"e"]) == event
@@ -172,7 +173,7 @@ def test_aemit_appends_like_emit(
 
     entry_id = asyncio.run(main())
 
-    [(stored_id, fields)] = client.xrange(keys.outbox)
+    [(stored_id, fields)] = outbox_entries(client, keys)
     assert stored_id.decode() == entry_id
     assert json.loads(fields[b"e"]) == event
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import redis
 
-from orbital.events import GROUP, emit
+from orbital.events import emit
 from orbital.events.outbox import lock_key
 from orbital.keys import Keys
 from orbital.settings import Settings
-from tests.dynatrace_fake import FakeDynatrace, job_events, order_by_subject
+from tests.dynatrace_fake import FakeDynatrace, job_events, order_by_subject, outbox_settled
 
 pytestmark = pytest.mark.slow
 
@@ -103,8 +103,7 @@ def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 def settled(client: redis.Redis, settings: Settings) -> bool:
-    keys = Keys(settings.prefix)
-    return client.xlen(keys.outbox) == 0 and client.xpending(keys.outbox, GROUP)["pending"] == 0
+    return outbox_settled(client, Keys(settings.prefix))
 
 
 def received_in_order(fake: FakeDynatrace, events: list[dict[str, Any]]) -> bool:

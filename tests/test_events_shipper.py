@@ -15,7 +15,6 @@ import redis
 
 from orbital.events import (
     BATCH_CONTENT_TYPE,
-    GROUP,
     Shipper,
     dead_letter_records,
     emit,
@@ -25,7 +24,14 @@ from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
 from orbital.settings import Settings
-from tests.dynatrace_fake import FakeDynatrace, job_events, order_by_subject, running
+from tests.dynatrace_fake import (
+    FakeDynatrace,
+    job_events,
+    order_by_subject,
+    outbox_entries,
+    outbox_settled,
+    running,
+)
 
 TOKEN = "dt0c01.TESTTOKEN4SHIPPER.abcdefabcdef"
 
@@ -59,10 +65,8 @@ def emit_all(client: redis.Redis, settings: Settings, events: list[dict[str, Any
         emit(client, keys, event)
 
 
-def outbox_settled(client: redis.Redis, settings: Settings) -> bool:
-    """Nothing left in the outbox and nothing pending in the group."""
-    keys = Keys(settings.prefix)
-    return client.xlen(keys.outbox) == 0 and client.xpending(keys.outbox, GROUP)["pending"] == 0
+def settled(client: redis.Redis, settings: Settings) -> bool:
+    return outbox_settled(client, Keys(settings.prefix))
 
 
 def wait_until(predicate: Any, timeout_s: float = 15.0) -> None:
@@ -79,11 +83,11 @@ def test_request_has_the_exact_headers_and_body(
     batch content type and the stored events, unchanged and in order, as a JSON array."""
     events = job_events(settings.prefix, jobs=2, per_job=3)
     emit_all(client, settings, events)
-    stored = [fields[b"e"] for _id, fields in client.xrange(Keys(settings.prefix).outbox)]
+    stored = [fields[b"e"] for _id, fields in outbox_entries(client, Keys(settings.prefix))]
 
     with running(Shipper(shipper_settings(settings, fake))):
         assert fake.wait_for(6)
-        wait_until(lambda: outbox_settled(client, settings))
+        wait_until(lambda: settled(client, settings))
 
     [request] = fake.requests
     assert request.method == "POST"
@@ -178,7 +182,7 @@ def test_invalid_events_are_dead_lettered_with_the_reason(
     fake.poison_ids = {events[4]["id"]}
 
     with running(Shipper(shipper_settings(settings, fake))):
-        wait_until(lambda: client.llen(keys.dead_letters) == 2 and outbox_settled(client, settings))
+        wait_until(lambda: client.llen(keys.dead_letters) == 2 and settled(client, settings))
 
     assert len(fake.requests) == 1  # the valid events were not sent again
     assert fake.accepted_ids() == [e["id"] for e in events if e["id"] != events[4]["id"]]
@@ -203,7 +207,7 @@ def test_a_batch_refused_as_a_whole_is_bisected(
     fake.poison_ids = bad
 
     with running(Shipper(shipper_settings(settings, fake))):
-        wait_until(lambda: client.llen(keys.dead_letters) == 2 and outbox_settled(client, settings))
+        wait_until(lambda: client.llen(keys.dead_letters) == 2 and settled(client, settings))
 
     assert fake.accepted_ids() == [e["id"] for e in events if e["id"] not in bad]
     assert fake.duplicates() == {}
@@ -223,7 +227,7 @@ def test_a_batch_too_large_is_split(
     fake.max_body_bytes = 4 * len(json.dumps(events[0])) + 100
 
     with running(shipper := Shipper(shipper_settings(settings, fake))):
-        wait_until(lambda: client.llen(keys.dead_letters) == 1 and outbox_settled(client, settings))
+        wait_until(lambda: client.llen(keys.dead_letters) == 1 and settled(client, settings))
 
     assert fake.accepted_ids() == [e["id"] for i, e in enumerate(events) if i != 7]
     assert fake.duplicates() == {}
@@ -245,7 +249,7 @@ def test_an_entry_that_is_not_json_is_dead_lettered_unsent(
     emit_all(client, settings, job_events(settings.prefix, jobs=1, per_job=2))
 
     with running(Shipper(shipper_settings(settings, fake))):
-        wait_until(lambda: client.llen(keys.dead_letters) == 2 and outbox_settled(client, settings))
+        wait_until(lambda: client.llen(keys.dead_letters) == 2 and settled(client, settings))
 
     assert len(fake.accepted_ids()) == 2
     assert [d["reason"] for d in dead_letter_records(client, keys)] == [
@@ -319,7 +323,7 @@ def test_queue_transitions_are_shipped_with_their_join_fields(
 
     with running(Shipper(shipper_settings(settings, fake))):
         assert fake.wait_for(4)
-        wait_until(lambda: outbox_settled(client, settings))
+        wait_until(lambda: settled(client, settings))
 
     with fake.lock:
         received = list(fake.accepted)
