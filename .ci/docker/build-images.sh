@@ -3,7 +3,7 @@
 # start-dockerd.sh prints), without any image registry:
 #
 #   orbital-test/lab:latest    a Debian bookworm rootfs from debootstrap (bash, git, curl,
-#                              jq, bats, procps) imported with `docker import`
+#                              jq, bats, procps, busybox) imported with `docker import`
 #   orbital-test/outer:latest  that rootfs plus Debian's docker.io: the slot's outer
 #                              container, which runs its own Docker daemon
 #
@@ -19,7 +19,7 @@ mirror=${ORBITAL_TEST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 lab_image=orbital-test/lab:latest
 outer_image=orbital-test/outer:latest
-packages=bash,git,curl,jq,bats,ca-certificates,procps
+packages=bash,git,curl,jq,bats,ca-certificates,procps,busybox
 
 docker_cli=/usr/bin/docker
 [ -x "$docker_cli" ] || docker_cli=$(command -v docker)
@@ -28,7 +28,21 @@ export DOCKER_HOST=${DOCKER_HOST:-$("$here/start-dockerd.sh")}
 key=$(cat "$0" | sha256sum | cut -c1-16)
 cache="$cache_root/$key"
 mkdir -p "$cache"
+# One build at a time: a second run waits, then finds the images built.
+exec 9>"$cache_root/.lock"
+flock 9
 log() { echo "build-images: $*" >&2; }
+
+# Remove a directory tree, first unmounting anything an interrupted debootstrap left
+# mounted inside it (/proc, /sys): rm -rf must never walk into the host's file systems.
+remove_tree() {
+    local target=$1 mnt
+    [ -e "$target" ] || return 0
+    while read -r mnt; do
+        umount -l "$mnt" 2>/dev/null || true
+    done < <(awk -v p="$target/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r)
+    rm -rf "$target"
+}
 
 built_with_key() {
     local got
@@ -44,7 +58,7 @@ build_rootfs() {
         exit 1
     }
     local dir="$cache/rootfs"
-    rm -rf "$dir"
+    remove_tree "$dir"
     log "debootstrap $suite ($packages) into $dir"
     debootstrap --variant=minbase --include="$packages" "$suite" "$dir" "$mirror" >"$cache/debootstrap.log" 2>&1 || {
         log "debootstrap failed; last lines of $cache/debootstrap.log:"
@@ -64,7 +78,7 @@ path-exclude=/usr/share/locale/*
 NODOC
     tar -C "$dir" --numeric-owner -cf "$cache/lab-rootfs.tar.part" .
     mv "$cache/lab-rootfs.tar.part" "$cache/lab-rootfs.tar"
-    rm -rf "$dir"
+    remove_tree "$dir"
 }
 
 build_lab() {
@@ -121,5 +135,7 @@ for id in $old_images; do
     "$docker_cli" image inspect --format '{{.RepoTags}}' "$id" 2>/dev/null | grep -q 'orbital-test/' ||
         "$docker_cli" rmi "$id" >/dev/null 2>&1 || true
 done
-find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
+for old_cache in "$cache_root"/*/; do
+    [ "$old_cache" = "$cache/" ] || remove_tree "${old_cache%/}"
+done
 log "ready: $lab_image $outer_image (key $key) in $DOCKER_HOST"
