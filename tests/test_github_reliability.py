@@ -5,6 +5,7 @@ not stop the receiver from answering good deliveries in the same burst."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import time
@@ -148,11 +149,13 @@ def good_issue(shared_dir: Path, number: int) -> bytes:
 
 
 def test_burst_of_hostile_deliveries_is_refused_while_good_ones_are_served(
-    receiver: Receiver, shared_dir: Path, client: redis.Redis
+    receiver: Receiver, shared_dir: Path, client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Forged, oversize, malformed and replayed deliveries mixed with good ones, sent
     from 8 threads: every bad one gets its status and enqueues nothing; every good one
-    is answered 202 in under a second and starts its one job."""
+    is answered 202 in under a second and starts its one job; refusals are logged a
+    line per status per second, not one each."""
+    caplog.set_level(logging.INFO, logger="orbital.github")
     replayed = good_issue(shared_dir, 4242)
     assert receiver.post(replayed, "issues", delivery="replayed-1")[0] == 202
 
@@ -186,6 +189,9 @@ def test_burst_of_hostile_deliveries_is_refused_while_good_ones_are_served(
     assert sorted(j.params["issue_number"] for j in jobs) == [*range(100, 160), 4242]
     assert receiver.request("GET", "/healthz") == (200, {"status": "ok"})
     assert receiver.post(good_issue(shared_dir, 999), "issues")[0] == 202
+    forged = sum(1 for n, e, _, _ in results if e == 401)
+    lines_401 = [m for m in caplog.messages if "refused with 401" in m]
+    assert 1 <= len(lines_401) < forged / 4
 
 
 def test_declared_oversize_body_is_refused_before_it_is_sent(receiver: Receiver) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -80,9 +81,11 @@ class WebhookService:
         self.max_body = settings.webhook_max_body_bytes
         self.intake = intake or _make_intake(settings)
         self.executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="webhook")
+        self._refusals = _RefusalLog()
 
     def close(self) -> None:
         """Wait for running Redis work, then close the Redis connections."""
+        self._refusals.flush()
         self.executor.shutdown(wait=True)
         self.intake.client.close()
 
@@ -105,9 +108,7 @@ class WebhookService:
             )
             outcome = await self._in_thread(self.intake.handle, delivery)
         except WebhookRejectedError as err:
-            level = logging.WARNING if err.status == 401 else logging.INFO
-            logger.log(level, "webhook from %s refused with %d: %s; nothing enqueued",
-                       peer, err.status, err.reason)  # fmt: skip
+            self._refusals.note(peer, err)
             return _reply(Outcome(err.status, {"status": "rejected", "reason": err.reason}))
         except redis.RedisError as err:
             logger.error("webhook from %s: Redis failed (%s: %s); answered 503 so GitHub "
@@ -141,6 +142,36 @@ class WebhookService:
                 raise too_big
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class _RefusalLog:
+    """Logs refused deliveries, at most one line per status per second: a flood of
+    forged or broken requests becomes one line a second with a count, not a line each.
+    401s are warnings (a wrong secret or a forger); the rest are informational."""
+
+    def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[int, float] = {}
+        self._held: dict[int, int] = {}
+
+    def note(self, peer: str, err: WebhookRejectedError) -> None:
+        now = self.clock()
+        if now - self._last.get(err.status, -self.interval_s) < self.interval_s:
+            self._held[err.status] = self._held.get(err.status, 0) + 1
+            return
+        self._last[err.status] = now
+        held = self._held.pop(err.status, 0)
+        more = f" (and {held} more refused with {err.status} since the last line)" if held else ""
+        level = logging.WARNING if err.status == 401 else logging.INFO
+        logger.log(level, "webhook from %s refused with %d: %s; nothing enqueued%s",
+                   peer, err.status, err.reason, more)  # fmt: skip
+
+    def flush(self) -> None:
+        """Log the counts still held back (at shutdown)."""
+        for status, held in sorted(self._held.items()):
+            logger.info("webhook: %d more deliveries were refused with %d", held, status)
+        self._held.clear()
 
 
 def _reply(outcome: Outcome) -> web.Response:
