@@ -35,7 +35,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -210,9 +210,11 @@ class Shipper:
         if self.lock.acquire():
             self._lost.clear()
             self._renewed_at = time.monotonic()
+            # Leading starts once the earlier shippers' entries are ours: sending
+            # anything newer first would break the stream order.
+            claimed = self.outbox.take_over()
             self._leading = True
             self._standby_logged = False
-            claimed = self.outbox.take_over()
             logger.info(
                 "shipper %s: holds the lock and sends; took over %d unsettled event(s) of "
                 "earlier shippers; %d event(s) in the outbox",
@@ -254,8 +256,13 @@ class Shipper:
             self._settle(
                 [], [DeadLetter(e, "outbox entry is not a JSON object", 0) for e in broken]
             )
-        for chunk in _chunks([e for e in entries if e.well_formed], self._max_bytes):
-            self._send(chunk)
+        sendable = [e for e in entries if e.well_formed]
+        start = 0
+        while start < len(sendable):
+            # Cut each chunk with the current limit: a 413 may have just lowered it.
+            end = _chunk_end(sendable, start, self._max_bytes)
+            self._send(sendable[start:end])
+            start = end
 
     def _send(self, chunk: Sequence[OutboxEntry]) -> None:
         attempt = 0
@@ -265,6 +272,9 @@ class Shipper:
             response = self.ingest.post(body)
             self.stats.requests += 1
             if response.accepted:
+                # Dynatrace has these events now. Should this process die before the
+                # acknowledgement below reaches Redis, the next shipper sends this one
+                # batch again; the stable event ids let queries drop the repeats.
                 self._settle(chunk, [])
                 logger.debug(
                     "shipper %s: %d event(s) accepted (%s)",
@@ -464,18 +474,15 @@ def _body(chunk: Sequence[OutboxEntry]) -> bytes:
     return b"[" + b",".join(e.raw for e in chunk) + b"]"
 
 
-def _chunks(entries: Sequence[OutboxEntry], max_bytes: int) -> Iterator[Sequence[OutboxEntry]]:
-    """Cut ``entries`` into consecutive runs whose body stays within ``max_bytes``
-    (an event larger than that travels alone)."""
-    start, size = 0, 2
-    for index, entry in enumerate(entries):
-        extra = entry.size + (1 if index > start else 0)
-        if index > start and size + extra > max_bytes:
-            yield entries[start:index]
-            start, size, extra = index, 2, entry.size
-        size += extra
-    if start < len(entries):
-        yield entries[start:]
+def _chunk_end(entries: Sequence[OutboxEntry], start: int, max_bytes: int) -> int:
+    """The end of the chunk starting at ``start``: as many consecutive entries as fit a
+    body of ``max_bytes`` (at least one: an event larger than that travels alone)."""
+    size = 2 + entries[start].size
+    end = start + 1
+    while end < len(entries) and size + 1 + entries[end].size <= max_bytes:
+        size += 1 + entries[end].size
+        end += 1
+    return end
 
 
 def _halves(chunk: Sequence[OutboxEntry]) -> tuple[Sequence[OutboxEntry], Sequence[OutboxEntry]]:
