@@ -374,7 +374,7 @@ class _AgentRun:
         body = f"Orbital {request.action} ({verdict}, job `{self.job.id}`):\n\n{summary}"
         try:
             await self.comment(request.repo, thread.number, body[:_COMMENT_CHARS])
-        except (OrbitalError, OSError) as err:
+        except (OrbitalError, OSError, ValueError) as err:
             logger.warning(
                 "worker %s: agent job %s: cannot comment on %s of %s (%s); the job result stands",
                 self.ctx.worker_id,
