@@ -17,6 +17,12 @@ import redis
 
 from orbital.errors import ConfigError
 from orbital.github.app import WebhookService
+from orbital.github.delivery import Delivery
+from orbital.github.intake import PENDING_CLAIM_MS, Intake
+from orbital.github.planner import FleetSource
+from orbital.github.routing import DEFAULT_TABLE
+from orbital.jobs import Job
+from orbital.queue import EnqueueResult
 from orbital.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.test_github_harness import (
@@ -442,3 +448,68 @@ def test_redis_outage_answers_503_and_the_redelivery_is_handled(
 
 def _clear_labels(data: dict[str, Any]) -> None:
     data["issue"]["labels"] = []
+
+
+def _intake(settings: Settings, client: redis.Redis) -> Intake:
+    return Intake(client, receiver_settings(settings, 1), DEFAULT_TABLE, FleetSource(""))
+
+
+def _delivery(shared_dir: Path, name: str, delivery_id: str) -> Delivery:
+    return Delivery(name.split(".")[0], delivery_id, payload(shared_dir, name))
+
+
+def test_failure_half_way_releases_the_claims_so_the_issue_is_not_lost(
+    settings: Settings, shared_dir: Path, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing between the "once" claim and the enqueue (an injected fault)
+    leaves neither the delivery nor the issue claimed: the redelivery, or the next
+    bug label, starts the job."""
+    intake = _intake(settings, client)
+    real_enqueue = intake.queue.enqueue
+
+    def broken(job: Job, **kwargs: Any) -> EnqueueResult:
+        raise redis.ConnectionError("injected: Redis went away")
+
+    monkeypatch.setattr(intake.queue, "enqueue", broken)
+    with pytest.raises(redis.ConnectionError):
+        intake.handle(_delivery(shared_dir, "issues.opened.payload.json", "opened-1"))
+
+    assert client.keys(f"{settings.prefix}:github:*") == []
+    monkeypatch.setattr(intake.queue, "enqueue", real_enqueue)
+    outcome = intake.handle(_delivery(shared_dir, "issues.labeled.payload.json", "labeled-1"))
+    assert outcome.status == 202
+    assert len(outcome.job_ids) == 1
+    ttl = client.ttl(intake.once_key("codertocat/hello-world:issue-1:fix-issue"))
+    assert ttl > settings.webhook_once_ttl_s - 60
+
+
+def test_claims_that_cannot_be_released_expire_within_a_minute(
+    settings: Settings, shared_dir: Path, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When even the release fails (injected), the claims carry only the short pending
+    TTL; a retry of the same delivery id after that goes through and stores each job
+    once."""
+    intake = _intake(settings, client)
+    real_enqueue = intake.queue.enqueue
+
+    def broken(job: Job, **kwargs: Any) -> EnqueueResult:
+        raise redis.ConnectionError("injected")
+
+    def no_release(**kwargs: Any) -> None:
+        raise redis.ConnectionError("injected")
+
+    monkeypatch.setattr(intake.queue, "enqueue", broken)
+    monkeypatch.setattr(intake, "_release", no_release)
+    with pytest.raises(redis.ConnectionError):
+        intake.handle(_delivery(shared_dir, "issues.opened.payload.json", "opened-2"))
+
+    once = intake.once_key("codertocat/hello-world:issue-1:fix-issue")
+    assert 0 < client.pttl(intake.delivery_key("opened-2")) <= PENDING_CLAIM_MS
+    assert 0 < client.pttl(once) <= PENDING_CLAIM_MS
+    client.delete(intake.delivery_key("opened-2"))  # as if the pending claim had expired
+
+    monkeypatch.setattr(intake.queue, "enqueue", real_enqueue)
+    first = intake.handle(_delivery(shared_dir, "issues.opened.payload.json", "opened-2"))
+    assert len(first.job_ids) == 1
+    assert client.ttl(once) > settings.webhook_once_ttl_s - 60
+    assert len(active_jobs(client, intake.settings)) == 1

@@ -10,7 +10,10 @@ Keys, under the installation's prefix:
   redelivery is handled again. Job ids are derived from the delivery id, so the
   jobs that were already enqueued are not stored twice.
 * ``<prefix>:github:once:<repo>:<subject>:<action>`` holds the id of the one job a
-  "once" rule may start for that subject (an issue, a pull request, a commit).
+  "once" rule may start for that subject (an issue, a pull request, a commit). It is
+  claimed with the same short TTL as a pending delivery and made to last
+  (``webhook_once_ttl_s``) in the step that marks the delivery accepted, so a
+  receiver dying half-way never leaves a subject claimed by a job that was not stored.
 
 These keys belong to the GitHub receiver alone; the queue's keys are untouched
 except through :meth:`orbital.queue.Queue.enqueue`.
@@ -104,13 +107,14 @@ class Intake:
             return self._duplicate(delivery)
         jobs: list[dict[str, str]] = []
         notes = list(plan.notes)
+        claims: list[tuple[str, str]] = []
         try:
             for planned in plan.jobs:
-                result = self._enqueue(planned)
+                result = self._enqueue(planned, claims)
                 (jobs.append(result) if isinstance(result, dict) else notes.append(result))
-            self.client.set(key, "accepted", ex=int(self.settings.webhook_dedupe_ttl_s))
+            self._confirm(key, claims)
         except redis.RedisError:
-            self._unclaim(key, token)
+            self._release_claims([(key, token), *claims])
             raise
 
         logger.info(
@@ -136,33 +140,49 @@ class Intake:
                     plan.ignored)  # fmt: skip
         return Outcome(202, {"status": "ignored", "reason": plan.ignored})
 
-    def _enqueue(self, planned: PlannedJob) -> dict[str, str] | str:
+    def _enqueue(self, planned: PlannedJob, claims: list[tuple[str, str]]) -> dict[str, str] | str:
         """Enqueue one job and describe it; or say why not, when its "once" subject
-        already has another job."""
+        already has another job. A new "once" claim is added to ``claims``: it holds
+        for :data:`PENDING_CLAIM_MS` until :meth:`_confirm` makes it last."""
         job = planned.job
         if planned.once_key:
             key = self.once_key(planned.once_key)
-            ttl = int(self.settings.webhook_once_ttl_s)
-            if not self.client.set(key, job.id, nx=True, ex=ttl):
+            if self.client.set(key, job.id, nx=True, px=PENDING_CLAIM_MS):
+                claims.append((key, job.id))
+            else:
                 raw: bytes | None = self.client.get(key)  # type: ignore[assignment]
                 holder = raw.decode() if raw is not None else "one that has since expired"
-                # The same id means this delivery claimed it before failing half-way.
                 if holder != job.id:
                     return f"{planned.what}: already started once (job {holder}); not again"
+                # This delivery claimed it in an attempt that failed half-way: go on.
+                claims.append((key, job.id))
         result = self.queue.enqueue(job)
         return {"id": job.id, "what": planned.what, "outcome": result.outcome}
+
+    def _confirm(self, key: str, claims: list[tuple[str, str]]) -> None:
+        """Mark the delivery accepted and make its "once" claims last, in one round trip."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(key, "accepted", ex=int(self.settings.webhook_dedupe_ttl_s))
+        for once_key, _ in claims:
+            pipe.expire(once_key, int(self.settings.webhook_once_ttl_s))
+        pipe.execute()
 
     def _duplicate(self, delivery: Delivery) -> Outcome:
         logger.info("delivery %s (%s): already accepted; ignored as a duplicate",
                     delivery.delivery_id, delivery.name)  # fmt: skip
         return Outcome(200, {"status": "duplicate delivery"})
 
-    def _unclaim(self, key: str, token: str) -> None:
-        try:
-            self._release(keys=[key], args=[token])
-        except redis.RedisError as err:
-            logger.warning("delivery key %s: could not release the claim (%s); it expires "
-                           "in %d s", key, err, PENDING_CLAIM_MS // 1000)  # fmt: skip
+    def _release_claims(self, claims: list[tuple[str, str]]) -> None:
+        """Best effort after a failure: drop the claims this attempt still holds, so a
+        redelivery (or a later event for the same subject) is handled. Claims that
+        cannot be dropped expire after PENDING_CLAIM_MS."""
+        for key, value in claims:
+            try:
+                self._release(keys=[key], args=[value])
+            except redis.RedisError as err:
+                logger.warning("key %s: could not release the claim (%s); it expires in %d s",
+                               key, err, PENDING_CLAIM_MS // 1000)  # fmt: skip
+                return
 
 
 def _hook_owner(payload: dict[str, Any]) -> str:
