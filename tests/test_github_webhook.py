@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -450,6 +450,14 @@ def _clear_labels(data: dict[str, Any]) -> None:
     data["issue"]["labels"] = []
 
 
+def _ttl(client: redis.Redis, key: str) -> int:
+    return cast(int, client.ttl(key))
+
+
+def _pttl(client: redis.Redis, key: str) -> int:
+    return cast(int, client.pttl(key))
+
+
 def _intake(settings: Settings, client: redis.Redis) -> Intake:
     return Intake(client, receiver_settings(settings, 1), DEFAULT_TABLE, FleetSource(""))
 
@@ -479,7 +487,7 @@ def test_failure_half_way_releases_the_claims_so_the_issue_is_not_lost(
     outcome = intake.handle(_delivery(shared_dir, "issues.labeled.payload.json", "labeled-1"))
     assert outcome.status == 202
     assert len(outcome.job_ids) == 1
-    ttl = client.ttl(intake.once_key("codertocat/hello-world:issue-1:fix-issue"))
+    ttl = _ttl(client, intake.once_key("codertocat/hello-world:issue-1:fix-issue"))
     assert ttl > settings.webhook_once_ttl_s - 60
 
 
@@ -504,12 +512,12 @@ def test_claims_that_cannot_be_released_expire_within_a_minute(
         intake.handle(_delivery(shared_dir, "issues.opened.payload.json", "opened-2"))
 
     once = intake.once_key("codertocat/hello-world:issue-1:fix-issue")
-    assert 0 < client.pttl(intake.delivery_key("opened-2")) <= PENDING_CLAIM_MS
-    assert 0 < client.pttl(once) <= PENDING_CLAIM_MS
+    assert 0 < _pttl(client, intake.delivery_key("opened-2")) <= PENDING_CLAIM_MS
+    assert 0 < _pttl(client, once) <= PENDING_CLAIM_MS
     client.delete(intake.delivery_key("opened-2"))  # as if the pending claim had expired
 
     monkeypatch.setattr(intake.queue, "enqueue", real_enqueue)
     first = intake.handle(_delivery(shared_dir, "issues.opened.payload.json", "opened-2"))
     assert len(first.job_ids) == 1
-    assert client.ttl(once) > settings.webhook_once_ttl_s - 60
+    assert _ttl(client, once) > settings.webhook_once_ttl_s - 60
     assert len(active_jobs(client, intake.settings)) == 1
