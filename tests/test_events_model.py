@@ -22,6 +22,8 @@ from orbital.events import (
     heartbeat_event,
     job_event,
 )
+from orbital.events.batches import batch_body, chunk_end, per_event_errors
+from orbital.events.outbox import OutboxEntry
 from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
@@ -236,3 +238,31 @@ def test_ingest_client_builds_the_documented_url_and_hides_the_token() -> None:
     assert activegate.url == "https://ag.example:9999/e/abc12345/api/v2/bizevents/ingest"
     assert "TOKEN" not in repr(saas)
     assert BATCH_CONTENT_TYPE == "application/cloudevents-batch+json"
+
+
+def entries_of(*raws: bytes) -> list[OutboxEntry]:
+    return [OutboxEntry(f"{i}-0", raw) for i, raw in enumerate(raws)]
+
+
+def test_chunks_fit_the_byte_limit_and_an_oversize_event_travels_alone() -> None:
+    """chunk_end() packs consecutive entries up to the body limit, never splitting order."""
+    chunk = entries_of(b'{"id":"a"}', b'{"id":"b"}', b"{" + b"x" * 50 + b"}", b'{"id":"c"}')
+
+    assert batch_body(chunk[:2]) == b'[{"id":"a"},{"id":"b"}]'
+    assert chunk_end(chunk, 0, len(batch_body(chunk[:2]))) == 2
+    assert chunk_end(chunk, 2, 30) == 3  # larger than the limit: alone
+    assert chunk_end(chunk, 3, 1000) == 4
+
+
+def test_per_event_errors_use_the_index_or_else_the_event_id() -> None:
+    """A 400 body maps to positions by index, by id when the index is unusable, and to
+    nothing when it carries no per-event detail."""
+    chunk = entries_of(b'{"id":"a"}', b'{"id":"b"}', b'{"id":"c"}')
+    body = json.dumps(
+        {"errors": [{"index": 2, "message": "bad time"}, {"id": "a", "index": 9, "message": "x"}]}
+    ).encode()
+
+    assert per_event_errors(body, chunk) == {2: "bad time", 0: "x"}
+    assert per_event_errors(b'{"error": {"code": 400}}', chunk) == {}
+    assert per_event_errors(b"not json", chunk) == {}
+    assert per_event_errors(b'{"errors": [{"id": "zzz"}]}', chunk) == {}

@@ -27,7 +27,6 @@ query can drop such duplicates (``dedup id``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -42,6 +41,7 @@ import redis
 import redis.exceptions
 
 from orbital.connection import resolve_redis_url, sync_client
+from orbital.events.batches import batch_body, chunk_end, halves, per_event_errors
 from orbital.events.ingest import IngestClient, IngestResponse
 from orbital.events.outbox import DeadLetter, Outbox, OutboxEntry, ShipperLock
 from orbital.keys import Keys
@@ -260,7 +260,7 @@ class Shipper:
         start = 0
         while start < len(sendable):
             # Cut each chunk with the current limit: a 413 may have just lowered it.
-            end = _chunk_end(sendable, start, self._max_bytes)
+            end = chunk_end(sendable, start, self._max_bytes)
             self._send(sendable[start:end])
             start = end
 
@@ -268,7 +268,7 @@ class Shipper:
         attempt = 0
         while True:
             self._check()
-            body = _body(chunk)
+            body = batch_body(chunk)
             response = self.ingest.post(body)
             self.stats.requests += 1
             if response.accepted:
@@ -308,11 +308,11 @@ class Shipper:
             size,
             self._max_bytes,
         )
-        for half in _halves(chunk):
+        for half in halves(chunk):
             self._send(half)
 
     def _refused(self, chunk: Sequence[OutboxEntry], response: IngestResponse) -> None:
-        errors = _event_errors(response.body, chunk)
+        errors = per_event_errors(response.body, chunk)
         if errors:
             # Dynatrace accepted the valid events of this request: settle them as
             # delivered; sending them again would duplicate them.
@@ -332,7 +332,7 @@ class Shipper:
             self.name,
             len(chunk),
         )
-        for half in _halves(chunk):
+        for half in halves(chunk):
             self._send(half)
 
     def _retry_delay(
@@ -467,47 +467,3 @@ class Shipper:
         text = body[:300].decode("utf-8", "replace").replace("\n", " ").strip()
         token = self.settings.dt_api_token
         return text.replace(token, "***") if token else text
-
-
-def _body(chunk: Sequence[OutboxEntry]) -> bytes:
-    """The request body: the stored event JSON, unchanged, as one array."""
-    return b"[" + b",".join(e.raw for e in chunk) + b"]"
-
-
-def _chunk_end(entries: Sequence[OutboxEntry], start: int, max_bytes: int) -> int:
-    """The end of the chunk starting at ``start``: as many consecutive entries as fit a
-    body of ``max_bytes`` (at least one: an event larger than that travels alone)."""
-    size = 2 + entries[start].size
-    end = start + 1
-    while end < len(entries) and size + 1 + entries[end].size <= max_bytes:
-        size += 1 + entries[end].size
-        end += 1
-    return end
-
-
-def _halves(chunk: Sequence[OutboxEntry]) -> tuple[Sequence[OutboxEntry], Sequence[OutboxEntry]]:
-    middle = len(chunk) // 2
-    return chunk[:middle], chunk[middle:]
-
-
-def _event_errors(body: bytes, chunk: Sequence[OutboxEntry]) -> dict[int, str]:
-    """Map the per-event errors of a 400 answer (``{"errors": [{"index": 3,
-    "message": ...}]}``; an ``id`` is used when there is no index) to positions in
-    ``chunk``. Empty when the answer carries no usable per-event detail."""
-    try:
-        errors = json.loads(body).get("errors") if body else None
-    except (ValueError, AttributeError):
-        return {}
-    if not isinstance(errors, list):
-        return {}
-    by_id = {e.event_id: i for i, e in enumerate(chunk)}
-    found: dict[int, str] = {}
-    for error in errors:
-        if not isinstance(error, dict):
-            continue
-        index = error.get("index")
-        if not (isinstance(index, int) and 0 <= index < len(chunk)):
-            index = by_id.get(str(error.get("id", "")))
-        if index is not None:
-            found[index] = str(error.get("message") or "refused as invalid")[:500]
-    return found
