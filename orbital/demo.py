@@ -82,17 +82,31 @@ class _Lab:
 
 
 _LABS = (
-    _Lab("lab-kubernetes-101", None, "active", _PASSING_BATS,
-         'assert_that cluster-up "the demo cluster answers" test -f "$HOME/cluster.ready"\n'
-         'assert_that app-deployed "the sample app is deployed" true\n'),
-    _Lab("lab-otel-basics", "amd64", "active", None,
-         'assert_that collector "the collector config parses" grep -q receivers .devcontainer/otel.yaml\n'
-         'assert_that traces "traces reach the backend" true\n'),
-    _Lab("lab-business-events", None, "active", None,
-         'assert_that bizevents-ingest "bizevents are accepted" true\n'
-         'assert_that frontend-http "frontend answers HTTP 200" sh -c \'echo "expected HTTP 200 from frontend, got 503"; exit 1\'\n'),
-    _Lab("lab-log-ingest", None, "active", _FAILING_BATS,
-         'assert_that logs "logs arrive" true\n'),
+    _Lab(
+        "lab-kubernetes-101",
+        None,
+        "active",
+        _PASSING_BATS,
+        'assert_that cluster-up "the demo cluster answers" test -f "$HOME/cluster.ready"\n'
+        'assert_that app-deployed "the sample app is deployed" true\n',
+    ),
+    _Lab(
+        "lab-otel-basics",
+        "amd64",
+        "active",
+        None,
+        'assert_that collector "the collector config parses" grep -q receivers .devcontainer/otel.yaml\n'
+        'assert_that traces "traces reach the backend" true\n',
+    ),
+    _Lab(
+        "lab-business-events",
+        None,
+        "active",
+        None,
+        'assert_that bizevents-ingest "bizevents are accepted" true\n'
+        'assert_that frontend-http "frontend answers HTTP 200" sh -c \'echo "expected HTTP 200 from frontend, got 503"; exit 1\'\n',
+    ),
+    _Lab("lab-log-ingest", None, "active", _FAILING_BATS, 'assert_that logs "logs arrive" true\n'),
     _Lab("lab-retired", None, "archived", None, 'assert_that old "old lab" true\n'),
 )
 
@@ -100,7 +114,9 @@ _LABS = (
 def _git(*args: str, cwd: Path) -> None:
     subprocess.run(
         ["git", "-c", "user.name=Orbital Demo", "-c", "user.email=demo@orbital.invalid", *args],
-        cwd=cwd, check=True, capture_output=True,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
     )
 
 
@@ -111,11 +127,15 @@ def _write_lab(work: Path, lab: _Lab) -> None:
     (work / "README.md").write_text(f"# {lab.name}\n\nA sample lab of the Orbital demo.\n")
     (dev / "util" / "source_framework.sh").write_text('FRAMEWORK_VERSION="1.2.0"\n')
     (dev / "otel.yaml").write_text("receivers:\n  otlp: {}\n")
-    (dev / "post-create.sh").write_text('echo "post-create: installing tools"\necho ok > "$HOME/tools.ready"\n')
-    (dev / "post-start.sh").write_text('echo "post-start: starting the demo cluster"\ntouch "$HOME/cluster.ready"\n')
+    (dev / "post-create.sh").write_text(
+        'echo "post-create: installing tools"\necho ok > "$HOME/tools.ready"\n'
+    )
+    (dev / "post-start.sh").write_text(
+        'echo "post-start: starting the demo cluster"\ntouch "$HOME/cluster.ready"\n'
+    )
     (dev / "test" / "assert.sh").write_text(_ASSERT_LIB)
     (dev / "test" / "integration.sh").write_text(
-        "#!/usr/bin/env bash\nset -u\nsource \"$(dirname \"$0\")/assert.sh\"\nfailed=0\n"
+        '#!/usr/bin/env bash\nset -u\nsource "$(dirname "$0")/assert.sh"\nfailed=0\n'
         + "".join(f"{line} || failed=1\n" for line in lab.integration.strip().splitlines())
         + "exit $failed\n"
     )
@@ -143,7 +163,7 @@ def create_sample_fleet(root: Path) -> Path:
         arch = f"\n    arch: {lab.arch}" if lab.arch else ""
         entries.append(
             f"  - name: {lab.name}\n    repo: {OWNER}/{lab.name}\n    status: {lab.status}{arch}\n"
-            f"    tags: [demo]\n    duration: \"30m\"\n"
+            f'    tags: [demo]\n    duration: "30m"\n'
         )
     fleet_file = root / "repos.yaml"
     fleet_file.write_text("repos:\n" + "\n".join(entries))
@@ -179,11 +199,15 @@ def run_demo(
     in-process worker serving both arch queues. Returns when every job ended."""
     root = settings.home / "demo"
     fleet_file = create_sample_fleet(root)
-    settings = Settings(**{
-        **settings.__dict__,
-        "prefix": DEMO_PREFIX, "fleet_file": str(fleet_file), "nightly_stagger_s": 0.0,
-        "git_url_template": f"file://{root / 'repos'}/{{repo}}.git",
-    })
+    settings = Settings(
+        **{
+            **settings.__dict__,
+            "prefix": DEMO_PREFIX,
+            "fleet_file": str(fleet_file),
+            "nightly_stagger_s": 0.0,
+            "git_url_template": f"file://{root / 'repos'}/{{repo}}.git",
+        }
+    )
     url = resolve_redis_url(settings)
     client = sync_client(url)
     for key in client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000):
@@ -192,12 +216,16 @@ def run_demo(
     orbital = Orbital(settings, client)
     fleet = load_fleet(fleet_file)
     run = orbital.nightly(fleet=fleet)
-    progress(f"nightly {run.run_id}: {run.total} jobs for {len(fleet.eligible())} eligible labs "
-             f"({len(fleet.entries)} in the registry)")
+    progress(
+        f"nightly {run.run_id}: {run.total} jobs for {len(fleet.eligible())} eligible labs "
+        f"({len(fleet.entries)} in the registry)"
+    )
 
     worker_id = f"demo-{host_arch()}"
     provider = (provider_factory or _local_provider)(settings, worker_id)
-    config = WorkerConfig(arch=host_arch(), capacity={"test:amd64": 2, "test:arm64": 2}, name=worker_id)
+    config = WorkerConfig(
+        arch=host_arch(), capacity={"test:amd64": 2, "test:arm64": 2}, name=worker_id
+    )
     worker = Worker(settings, config, provider, client=async_client(url))
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
@@ -207,8 +235,10 @@ def run_demo(
             if record.job_id not in seen and record.nightly_id == run.run_id:
                 seen.add(record.job_id)
                 detail = f" at {record.failed_step}" if record.failed_step else ""
-                progress(f"[{len(seen)}/{run.total}] {record.repo} {record.arch}: {record.status}{detail} "
-                         f"({record.duration_s:.1f} s)")
+                progress(
+                    f"[{len(seen)}/{run.total}] {record.repo} {record.arch}: {record.status}{detail} "
+                    f"({record.duration_s:.1f} s)"
+                )
         return orbital.nightly_run(run.run_id).finished or time.monotonic() > deadline
 
     anyio.run(_run_worker_until, worker, done)

@@ -1,21 +1,21 @@
 """Every exception Orbital raises, in one tree.
 
-    OrbitalError
-    ├── ConfigError            configuration or settings are unusable
-    ├── EventError             an event is not a CloudEvent the outbox can take
-    ├── FleetError             repos.yaml cannot be loaded or fails validation
-    ├── GitHubApiError         the GitHub REST API refused a request or did not answer
-    ├── InvalidIdentifierError a repository, branch, commit or job id is refused
-    ├── JobError
-    │   ├── UnknownJobError    no job with that id exists
-    │   ├── JobStateError      the job is in a state that forbids the action
-    │   ├── JobParamsError     a job's parameters are missing or invalid
-    │   └── LeaseLostError     a worker no longer holds the job it is running
-    ├── LogError
-    │   ├── UnknownLogError    no log was ever recorded for that job
-    │   └── LogExpiredError    the live log expired and no archive is left
-    ├── SandboxError           a sandbox could not be started, used or removed
-    └── WebhookRejectedError   a GitHub webhook delivery is refused (with its HTTP status)
+OrbitalError
+├── ConfigError            configuration or settings are unusable
+├── EventError             an event is not a CloudEvent the outbox can take
+├── FleetError             repos.yaml cannot be loaded or fails validation
+├── GitHubApiError         the GitHub REST API refused a request or did not answer
+├── InvalidIdentifierError a repository, branch, commit or job id is refused
+├── JobError
+│   ├── UnknownJobError    no job with that id exists
+│   ├── JobStateError      the job is in a state that forbids the action
+│   ├── JobParamsError     a job's parameters are missing or invalid
+│   └── LeaseLostError     a worker no longer holds the job it is running
+├── LogError
+│   ├── UnknownLogError    no log was ever recorded for that job
+│   └── LogExpiredError    the live log expired and no archive is left
+├── SandboxError           a sandbox could not be started, used or removed
+└── WebhookRejectedError   a GitHub webhook delivery is refused (with its HTTP status)
 """
 
 from __future__ import annotations

@@ -57,9 +57,7 @@ def validate_repo(value: str) -> str:
             "repository", value, "owner must be 1-39 letters, digits or single inner hyphens"
         )
     if not _NAME.match(name) or name in {".", ".."} or name.endswith(".git"):
-        raise _refuse(
-            "repository", value, "name must be 1-100 letters, digits, '.', '_' or '-'"
-        )
+        raise _refuse("repository", value, "name must be 1-100 letters, digits, '.', '_' or '-'")
     return value
 
 
@@ -75,11 +73,11 @@ def validate_branch(value: str) -> str:
     if len(value) > 255:
         raise _refuse("branch", value[:40] + "...", "longer than 255 characters")
     if not _BRANCH_CHARS.match(value):
-        raise _refuse(
-            "branch", value, "only letters, digits and . _ / + @ = , - are allowed"
-        )
+        raise _refuse("branch", value, "only letters, digits and . _ / + @ = , - are allowed")
     if value.startswith(("-", "/")) or value.endswith(("/", ".", ".lock")):
-        raise _refuse("branch", value, "must not start with '-' or '/' or end with '/', '.' or '.lock'")
+        raise _refuse(
+            "branch", value, "must not start with '-' or '/' or end with '/', '.' or '.lock'"
+        )
     if ".." in value or "//" in value or "@{" in value or value == "@":
         raise _refuse("branch", value, "must not contain '..', '//' or '@{'")
     if any(part.startswith(".") for part in value.split("/")):
@@ -108,9 +106,7 @@ def validate_arch(value: str) -> str:
 def validate_job_id(value: str) -> str:
     """Return ``value`` if it can serve as a job id (a DNS label); raise otherwise."""
     if not isinstance(value, str) or not _JOB_ID.match(value):
-        raise _refuse(
-            "job id", value, "expected 1-63 lowercase letters, digits or inner hyphens"
-        )
+        raise _refuse("job id", value, "expected 1-63 lowercase letters, digits or inner hyphens")
     return value
 
 

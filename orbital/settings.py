@@ -189,9 +189,7 @@ class Settings:
     scheduler_tick_s: float = 30.0
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``ORBITAL_CONFIG`` (a TOML file), then the environment,
         then ``overrides``.
 
@@ -273,6 +271,4 @@ def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
             return tuple(str(v) for v in value)
         return str(value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"setting {name} (ORBITAL_{name.upper()}) = {value!r}: {err}"
-        ) from None
+        raise ConfigError(f"setting {name} (ORBITAL_{name.upper()}) = {value!r}: {err}") from None

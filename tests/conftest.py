@@ -56,9 +56,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -107,8 +121,14 @@ def prefix() -> str:
 def settings(redis_server: RedisServer, prefix: str, tmp_path: Path) -> Settings:
     """Settings pointing at the test Redis with a private prefix and home, short leases."""
     return Settings(
-        redis_url=redis_server.url, prefix=prefix, home=tmp_path / "home", lease_s=3.0,
-        heartbeat_ttl_s=3.0, max_attempts=3, nightly_stagger_s=0.0, secrets=("s3cr3t-value",),
+        redis_url=redis_server.url,
+        prefix=prefix,
+        home=tmp_path / "home",
+        lease_s=3.0,
+        heartbeat_ttl_s=3.0,
+        max_attempts=3,
+        nightly_stagger_s=0.0,
+        secrets=("s3cr3t-value",),
         secret_env=(),
     )
 
@@ -129,7 +149,10 @@ def client(redis_server: RedisServer, prefix: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def shared_dir() -> Path:
     """../shared beside the clone (fleet registry, webhook payloads)."""
-    require(SHARED.is_dir(), f"{SHARED} is absent: the real fleet registry and webhook payloads live there")
+    require(
+        SHARED.is_dir(),
+        f"{SHARED} is absent: the real fleet registry and webhook payloads live there",
+    )
     return SHARED
 
 
@@ -155,7 +178,8 @@ def lab_settings(settings: Settings, sample_fleet: Path) -> Settings:
     import dataclasses
 
     return dataclasses.replace(
-        settings, fleet_file=str(sample_fleet),
+        settings,
+        fleet_file=str(sample_fleet),
         git_url_template=f"file://{sample_fleet.parent / 'repos'}/{{repo}}.git",
     )
 

@@ -9,7 +9,9 @@ from pathlib import Path
 def _git(*args: str, cwd: Path) -> None:
     subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", *args],
-        cwd=cwd, check=True, capture_output=True,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
     )
 
 
@@ -20,7 +22,9 @@ class LabFactory:
         self.root = root
         self.template = f"file://{root / 'repos'}/{{repo}}.git"
 
-    def make(self, repo: str, files: dict[str, str], branches: dict[str, dict[str, str]] | None = None) -> str:
+    def make(
+        self, repo: str, files: dict[str, str], branches: dict[str, dict[str, str]] | None = None
+    ) -> str:
         """Create ``repo`` (owner/name) with ``files`` on main (and more branches)."""
         work = self.root / "src" / repo
         work.mkdir(parents=True)

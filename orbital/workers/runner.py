@@ -73,7 +73,11 @@ class JobContext:
         if self.log is None:
             path = self.settings.logs_dir / f"{self.job.id}.log"
             self.log = LogWriter(
-                self.client, self.keys, self.job.id, self.settings.secret_values(), path,
+                self.client,
+                self.keys,
+                self.job.id,
+                self.settings.secret_values(),
+                path,
                 self.settings.log_max_entries,
             )
         return self.log
@@ -92,7 +96,13 @@ class JobContext:
         else:
             message = "job cancelled; its processes were killed"
         self.outcome.steps.append(
-            Step(name="job", status=StepStatus(state), duration_s=round(elapsed, 3), error=message, source="pipeline")
+            Step(
+                name="job",
+                status=StepStatus(state),
+                duration_s=round(elapsed, 3),
+                error=message,
+                source="pipeline",
+            )
         )
         self.outcome.status = state
         if self.job.type.is_lab:
@@ -108,26 +118,58 @@ def lab_result(ctx: JobContext, status: str) -> JobResult:
     job, outcome = ctx.job, ctx.outcome
     now = time.time()
     record = BuildRecord(
-        job_id=job.id, type=job.type.value, repo=job.repo, branch=job.branch, arch=job.arch,
-        status=status, trigger=job.trigger, commit=job.commit, commit_sha=outcome.commit_sha,
-        framework_version=outcome.framework_version, nightly_id=job.nightly_id, worker=ctx.worker_id,
-        attempts=job.attempts, steps=outcome.steps, failed_step=outcome.failed_step,
-        failure_summary=outcome.failure_summary, problems=outcome.problems,
-        queued_at=job.enqueued_at, started_at=job.started_at, finished_at=now,
-        queue_wait_s=round(ctx.queue_wait_s, 3), setup_s=outcome.setup_s, run_s=outcome.run_s,
-        log_path=str(ctx.log.archive_path) if ctx.log else "", sandbox=ctx.sandbox_info,
+        job_id=job.id,
+        type=job.type.value,
+        repo=job.repo,
+        branch=job.branch,
+        arch=job.arch,
+        status=status,
+        trigger=job.trigger,
+        commit=job.commit,
+        commit_sha=outcome.commit_sha,
+        framework_version=outcome.framework_version,
+        nightly_id=job.nightly_id,
+        worker=ctx.worker_id,
+        attempts=job.attempts,
+        steps=outcome.steps,
+        failed_step=outcome.failed_step,
+        failure_summary=outcome.failure_summary,
+        problems=outcome.problems,
+        queued_at=job.enqueued_at,
+        started_at=job.started_at,
+        finished_at=now,
+        queue_wait_s=round(ctx.queue_wait_s, 3),
+        setup_s=outcome.setup_s,
+        run_s=outcome.run_s,
+        log_path=str(ctx.log.archive_path) if ctx.log else "",
+        sandbox=ctx.sandbox_info,
     )
     events = [_completed_event(record)]
-    failed = [s for s in record.steps if s.status in (StepStatus.FAILED, StepStatus.ERROR, StepStatus.TIMED_OUT)]
+    failed = [
+        s
+        for s in record.steps
+        if s.status in (StepStatus.FAILED, StepStatus.ERROR, StepStatus.TIMED_OUT)
+    ]
     for index, step in enumerate(failed):
-        events.append({
-            "type": "build.assertion.failed",
-            "suffix": f".{index}",
-            "data": {"step": step.name, "description": step.description, "error": step.error[:1000],
-                     "status": step.status.value, "duration_s": step.duration_s, "source": step.source},
-        })
-    fields: dict[str, object] = {"commit_sha": outcome.commit_sha, "framework_version": outcome.framework_version,
-                                 "log_path": record.log_path}
+        events.append(
+            {
+                "type": "build.assertion.failed",
+                "suffix": f".{index}",
+                "data": {
+                    "step": step.name,
+                    "description": step.description,
+                    "error": step.error[:1000],
+                    "status": step.status.value,
+                    "duration_s": step.duration_s,
+                    "source": step.source,
+                },
+            }
+        )
+    fields: dict[str, object] = {
+        "commit_sha": outcome.commit_sha,
+        "framework_version": outcome.framework_version,
+        "log_path": record.log_path,
+    }
     if status != "passed":
         fields["error"] = record.failure_summary
     return JobResult(status, build=record.to_dict(), fields=fields, events=events)
@@ -137,11 +179,17 @@ def _completed_event(record: BuildRecord) -> dict[str, Any]:
     return {
         "type": "build.completed",
         "data": {
-            "status": record.status, "passed": record.status == "passed",
-            "duration_s": round(record.duration_s, 3), "failed_step": record.failed_step,
-            "failure_summary": record.failure_summary, "isolation": record.sandbox.get("isolation", ""),
-            "sandbox": record.sandbox.get("kind", ""), "queue_wait_s": record.queue_wait_s,
-            "setup_s": record.setup_s, "run_s": record.run_s, "steps": len(record.steps),
+            "status": record.status,
+            "passed": record.status == "passed",
+            "duration_s": round(record.duration_s, 3),
+            "failed_step": record.failed_step,
+            "failure_summary": record.failure_summary,
+            "isolation": record.sandbox.get("isolation", ""),
+            "sandbox": record.sandbox.get("kind", ""),
+            "queue_wait_s": record.queue_wait_s,
+            "setup_s": record.setup_s,
+            "run_s": record.run_s,
+            "steps": len(record.steps),
         },
     }
 
@@ -161,18 +209,24 @@ async def run_lab_job(ctx: JobContext) -> JobResult:
         await ctx.queue.update(job.id, ctx.token, fields)
 
     try:
-        await log.line(f"==> [orbital] job {job.id} ({job.type}) on worker {ctx.worker_id}, attempt {job.attempts}")
+        await log.line(
+            f"==> [orbital] job {job.id} ({job.type}) on worker {ctx.worker_id}, attempt {job.attempts}"
+        )
         async with ctx.provider.acquire(job) as sandbox:
             ctx.sandbox_info = sandbox.describe()
             ctx.sandbox = sandbox
             await run_lab(job, sandbox, log, config, on_meta, outcome=ctx.outcome)
             if job.type == JobType.DAEMON and ctx.outcome.status == "passed":
-                await log.line("==> [orbital] daemon is up; the sandbox stays until the job is cancelled")
+                await log.line(
+                    "==> [orbital] daemon is up; the sandbox stays until the job is cancelled"
+                )
                 await log.flush()
                 await anyio.sleep_forever()
     except SandboxError as err:
         logger.error("worker %s: job %s: sandbox failed: %s", ctx.worker_id, job.id, err)
-        ctx.outcome.steps.append(Step(name="sandbox", status=StepStatus.ERROR, error=str(err)[:2000], source="pipeline"))
+        ctx.outcome.steps.append(
+            Step(name="sandbox", status=StepStatus.ERROR, error=str(err)[:2000], source="pipeline")
+        )
         return lab_result(ctx, "error")
     finally:
         await ctx.close_log()
