@@ -22,7 +22,7 @@ from orbital.keys import Keys
 from orbital.queue import Queue
 from orbital.settings import Settings
 
-__all__ = ["CATCH_UP_S", "enqueue_drift_if_due"]
+__all__ = ["CATCH_UP_S", "enqueue_drift_if_due", "next_drift"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ def enqueue_drift_if_due(
     client.set(_pending_key(keys), job.id, ex=_MARK_TTL_S)
     logger.info("sync: drift job %s queued for slot %s", job.id, slot)
     return job
+
+
+def next_drift(cron: str, after: float) -> float:
+    """Return the first time after ``after`` (epoch seconds) that ``cron`` (UTC) fires.
+
+    Raises:
+        ConfigError: if ``cron`` is not a cron expression.
+    """
+    try:
+        it = croniter(cron, datetime.fromtimestamp(after, UTC))
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"sync_cron {cron!r} is not a cron expression: {err}") from None
+    return float(it.get_next(float))
 
 
 def _text(value: object) -> str:
