@@ -499,3 +499,27 @@ async def test_unknown_action_ends_in_error_without_running_anything(
     assert stored.state == "error"
     assert "'deploy-prod' is not an agent action" in stored.error
     assert not Path(f"{agent_settings.agent_command[0]}.json").exists()
+
+
+@pytest.mark.anyio
+async def test_cancelling_an_agent_job_kills_it_and_removes_the_checkout(
+    agent_settings: Settings, client: redis.Redis, tmp_path: Path
+) -> None:
+    """An operator's cancel kills the agent's process tree and removes the checkout."""
+    agent = write_agent(tmp_path / "hang-agent", mode="hang")
+    settings = dataclasses.replace(agent_settings, agent_command=(str(agent), "{prompt}"))
+    queue = Queue(client, settings)
+    job = agent_job(action="scaffold", issue_number=4)
+    queue.enqueue(job)
+    pids_file = Path(f"{agent}.json.pids")
+
+    def cancel_when_running() -> bool:
+        if pids_file.exists() and queue.get_job(job.id).state == "running":
+            queue.cancel(job.id, "operator changed their mind")
+        return queue.get_job(job.id).is_terminal
+
+    await run_manager(settings, cancel_when_running)
+
+    assert queue.get_job(job.id).state == "cancelled"
+    assert not any(alive(pid) for pid in json.loads(pids_file.read_text()))
+    assert not Path(recorded(agent)["cwd"]).exists()
