@@ -36,7 +36,14 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orbital.events import BATCH_CONTENT_TYPE, Shipper, emit, encode, job_event  # noqa: E402
+from orbital.events import (  # noqa: E402
+    BATCH_CONTENT_TYPE,
+    Outbox,
+    Shipper,
+    emit,
+    encode,
+    job_event,
+)
 from orbital.jobs import Job, JobType  # noqa: E402
 from orbital.keys import Keys  # noqa: E402
 from orbital.queue import Queue  # noqa: E402
@@ -221,6 +228,7 @@ def fill_outbox(client: redis.Redis, keys: Keys, bodies: list[bytes]) -> None:
     for body in bodies:
         pipe.xadd(keys.outbox, {"e": body})
     pipe.execute()
+    Outbox(client, keys, "bench").ensure_group()
 
 
 def ship_once(client: redis.Redis, settings: Settings, count: int) -> float:
