@@ -10,11 +10,13 @@ time and with the same connections:
   Redis SET NX for the delivery id;
 * ``pull_request``: signed ``pull_request.opened`` deliveries: the above plus
   routing, a "once" claim and three enqueues (review job, two arch builds);
-* ``forged``: the same body with a wrong signature (answered 401, no Redis).
+* ``forged``: pings with a wrong signature (answered 401, no Redis).
 
 It starts its own redis-server (no persistence) on a free loopback port, then the
 two servers. Run: ``python bench/bench_webhook.py [--duration 10] [--connections 32]``.
-Prints requests/s, p50 and p99 latency per scenario and the ratio to ``bare``.
+Prints requests/s, p50 and p99 latency per scenario and the ratio to ``bare``, and
+the CPU time the server process (all threads) and Redis spent per request, which
+stays meaningful on a machine whose other load makes the wall-clock figures vary.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
 
 from orbital.github.signature import sign  # noqa: E402 - after the checkout is on the path
 
@@ -110,15 +114,30 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str) -> None:
     raise SystemExit(f"{what} did not answer {url} within 30 s")
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_s(url: str) -> float:
+    client = redis.Redis.from_url(url)
+    try:
+        info: dict[str, str] = client.info("cpu")  # type: ignore[assignment]
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    finally:
+        client.close()
+
+
 @contextmanager
-def _process(argv: list[str], env: dict[str, str], health: str, what: str) -> Iterator[None]:
+def _process(argv: list[str], env: dict[str, str], health: str, what: str) -> Iterator[int]:
     # The receiver logs refusals (a line a second during the forged scenario) and any
     # failure; they go to a file so the table stays readable.
     log = open(Path(env["ORBITAL_HOME"]).parent / f"{what.replace(' ', '-')}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
     try:
         _wait_http(health, process, what)
-        yield
+        yield process.pid
     finally:
         process.terminate()
         process.wait(20)
@@ -200,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                "ORBITAL_WEBHOOK_PORT": str(hook_port), "ORBITAL_SECRET_ENV": "",
                "ORBITAL_FLEET_FILE": str(tmp / "repos.yaml"),
                "PYTHONPATH": str(ROOT)}  # fmt: skip
-        stack.enter_context(_process(
+        bare_pid = stack.enter_context(_process(
             [sys.executable, __file__, "--bare", str(bare_port)], env,
             f"http://127.0.0.1:{bare_port}/healthz", "bare endpoint"))  # fmt: skip
-        stack.enter_context(_process(
+        hook_pid = stack.enter_context(_process(
             [sys.executable, str(ROOT / "services" / "webhook.py"), "--log-level", "WARNING"],
             env, f"http://127.0.0.1:{hook_port}/healthz", "webhook receiver"))  # fmt: skip
 
@@ -211,29 +230,53 @@ def main(argv: list[str] | None = None) -> int:
         pr = PAYLOADS / "pull_request.opened.payload.json"
         secret = SECRET.encode()
         scenarios = [
-            ("bare", bare_port, ping, "ping", sign(secret, ping.read_bytes()), "200"),
-            ("ping", hook_port, ping, "ping", sign(secret, ping.read_bytes()), "200"),
-            ("pull_request", hook_port, pr, "pull_request", sign(secret, pr.read_bytes()), "202"),
-            ("forged", hook_port, pr, "pull_request", sign(b"wrong", pr.read_bytes()), "401"),
+            ("bare", bare_pid, bare_port, ping, "ping", sign(secret, ping.read_bytes()), "200"),
+            ("ping", hook_pid, hook_port, ping, "ping", sign(secret, ping.read_bytes()), "200"),
+            (
+                "pull_request",
+                hook_pid,
+                hook_port,
+                pr,
+                "pull_request",
+                sign(secret, pr.read_bytes()),
+                "202",
+            ),
+            ("forged", hook_pid, hook_port, ping, "ping", sign(b"wrong", ping.read_bytes()), "401"),
         ]
         print(f"== webhook receiver vs bare aiohttp endpoint: wrk -t{args.threads} "
               f"-c{args.connections} -d{args.duration}s on 127.0.0.1, "
               f"{os.cpu_count()} CPU ==")  # fmt: skip
         rows = []
         base = 0.0
-        for name, port, body, event, signature, expected in scenarios:
+        for name, pid, port, body, event, signature, expected in scenarios:
             if args.only and name not in args.only:
                 continue
+            cpu, redis_cpu = _cpu_s(pid), _redis_cpu_s(redis_url)
             result = run_wrk(port, body, event, signature, args, script, name)
+            cpu, redis_cpu = _cpu_s(pid) - cpu, _redis_cpu_s(redis_url) - redis_cpu
+            served = max(1, int(result["requests"]))  # type: ignore[call-overload]
             rate = float(result["requests"]) / float(result["seconds"])  # type: ignore[arg-type]
             base = base or rate
             statuses = dict(result["statuses"])  # type: ignore[call-overload]
             unexpected = {k: v for k, v in statuses.items() if k != expected}
             rows.append((name, f"{rate:,.0f}", f"{int(result['p50_us']) / 1000:.2f}",  # type: ignore[call-overload]
                          f"{int(result['p99_us']) / 1000:.2f}",  # type: ignore[call-overload]
-                         f"{rate / base:.2f}x", f"{expected} x{statuses.get(expected, 0)}",
+                         f"{rate / base:.2f}x", f"{cpu / served * 1e6:.0f}",
+                         f"{redis_cpu / served * 1e6:.0f}",
+                         f"{expected} x{statuses.get(expected, 0)}",
                          str(unexpected or "-"), str(result["socket_errors"])))  # fmt: skip
-        heads = ("scenario", "req/s", "p50 ms", "p99 ms", "vs bare", "answers", "other", "sock err")
+        heads = (
+            "scenario",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "vs bare",
+            "server CPU us/req",
+            "redis CPU us/req",
+            "answers",
+            "other",
+            "sock err",
+        )
         widths = [max(len(str(r[i])) for r in [heads, *rows]) for i in range(len(heads))]
         for row in [heads, *rows]:
             print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
