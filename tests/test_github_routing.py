@@ -86,6 +86,21 @@ def test_unrelated_label_on_a_bug_issue_matches_no_rule(shared_dir: Path) -> Non
     assert result.ignored == "no routing rule matches issues.labeled (labels documentation)"
 
 
+def test_ignored_reason_shows_payload_text_without_control_characters(
+    shared_dir: Path,
+) -> None:
+    """Label names are payload text: the reason (logged and returned) cuts them and
+    replaces control characters, so a label cannot forge a log line."""
+    data = payload(shared_dir, "issues.labeled.payload.json")
+    data["label"]["name"] = "docs\nWARNING forged line" + "x" * 200
+
+    reason = plan(data, "issues").ignored
+
+    assert "\n" not in reason
+    assert "docs?WARNING forged line" in reason
+    assert len(reason) < 150
+
+
 def test_routing_table_file_replaces_the_default(tmp_path: Path, shared_dir: Path) -> None:
     """A YAML routing file replaces the built-in table: here a PR starts only unit
     tests, and a bug issue a diagnose agent job."""

@@ -118,6 +118,8 @@ def test_signature_is_checked_before_the_body_is_decoded() -> None:
         (b"payload=%7B&payload=%7D", FORM_TYPE, {}, "exactly one 'payload'"),
         (b"payload=%FF", FORM_TYPE, {}, "malformed form body"),
         (b"payload=\xff", FORM_TYPE, {}, "malformed form body"),
+        (b'{"action": "opened\\nFAKE LOG LINE"}', JSON_TYPE, {}, "field action: malformed"),
+        (b'{"action": 3}', JSON_TYPE, {}, "field action: malformed"),
     ],
 )
 def test_malformed_deliveries_are_400_with_a_short_reason(

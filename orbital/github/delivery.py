@@ -7,7 +7,8 @@ or refuses it with the status the receiver should answer:
 * 401 for a signature that is missing, malformed or wrong (checked over the raw
   body, before anything is decoded);
 * 400 for missing or malformed ``X-GitHub-Event`` / ``X-GitHub-Delivery`` headers,
-  a body that is not UTF-8 JSON, or a JSON document that is not an object.
+  a body that is not UTF-8 JSON, a JSON document that is not an object, or an
+  ``action`` that is not a lower-case word (it is logged and routed on).
 
 Form-encoded deliveries are accepted: GitHub then sends ``payload=<JSON>`` with
 the signature computed over the raw form body, which is what gets verified.
@@ -30,6 +31,7 @@ JSON_TYPE = "application/json"
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 _EVENT = re.compile(r"[a-z0-9_]{1,64}")
+_ACTION = _EVENT  # GitHub's actions are lower-case words joined by underscores
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _UTF8 = ("utf-8", "utf8")
 
@@ -78,7 +80,11 @@ def parse_delivery(
     delivery_id = _header("X-GitHub-Delivery", delivery_id, _DELIVERY_ID)
 
     document = _form_payload(body) if mime == FORM_TYPE else body
-    return Delivery(event=event, delivery_id=delivery_id, payload=_json_object(document))
+    payload = _json_object(document)
+    action = payload.get("action")
+    if action is not None and not (isinstance(action, str) and _ACTION.fullmatch(action)):
+        raise WebhookRejectedError(400, f"field action: malformed {str(action)[:40]!r}")
+    return Delivery(event=event, delivery_id=delivery_id, payload=payload)
 
 
 def _media_type(content_type: str) -> str:

@@ -111,7 +111,10 @@ class Intake:
         try:
             for planned in plan.jobs:
                 result = self._enqueue(planned, claims)
-                (jobs.append(result) if isinstance(result, dict) else notes.append(result))
+                if isinstance(result, dict):
+                    jobs.append(result)
+                else:
+                    notes.append(result)
             self._confirm(key, claims)
         except redis.RedisError:
             self._release_claims([(key, token), *claims])

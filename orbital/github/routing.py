@@ -93,11 +93,12 @@ class Facts:
         name = f"{self.event}.{self.action}" if self.action else self.event
         parts = []
         if self.event in ("issues", "pull_request"):
-            parts.append("labels " + (", ".join(self.labels[:10]) or "none"))
+            parts.append("labels " + (", ".join(map(_printable, self.labels[:10])) or "none"))
         if self.conclusion:
-            parts.append(f"conclusion {self.conclusion}")
+            parts.append(f"conclusion {_printable(self.conclusion)}")
         if self.event == "push":
-            parts.append(f"ref {self.ref or 'none'}, default branch {self.default_branch or '?'}")
+            ref, default = _printable(self.ref) or "none", _printable(self.default_branch) or "?"
+            parts.append(f"ref {ref}, default branch {default}")
         return name + (f" ({'; '.join(parts)})" if parts else "")
 
 
@@ -272,3 +273,8 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(v, str) and v for v in items):
         raise ConfigError(f"{where}: expected a string or a list of non-empty strings")
     return tuple(items)
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """Payload text fit for a log line: cut, with control characters replaced."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
