@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -423,3 +424,20 @@ def test_a_deleted_outbox_is_recreated_and_shipping_goes_on(
         assert fake.wait_for(5)
 
     assert fake.duplicates() == {}
+
+
+def test_backoff_doubles_up_to_the_maximum_with_jitter(
+    client: redis.Redis, settings: Settings, fake: FakeDynatrace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without Retry-After the delay doubles from shipper_backoff_s up to the maximum,
+    jittered between half and all of it (rng pinned to the top here)."""
+    emit_all(client, settings, job_events(settings.prefix, jobs=1, per_job=1))
+    fake.retry_after = ""
+    fake.fail_next = [503] * 5
+    caplog.set_level(logging.WARNING, "orbital.events")
+
+    with running(Shipper(shipper_settings(settings, fake), rng=lambda: 1.0)):
+        assert fake.wait_for(1)
+    delays = re.findall(r"retry \d+ in ([0-9.]+) s \(backoff with jitter\)", caplog.text)
+
+    assert delays == ["0.02", "0.04", "0.08", "0.16", "0.20"]
