@@ -56,7 +56,10 @@ logger = logging.getLogger(__name__)
 ISOLATION_MODES = ("sysbox", "nested-docker")
 #: How long a killed step may keep printing before its stream is closed.
 _DRAIN_S = 2.0
-_KEEPALIVE = ["sleep", "infinity"]
+# The lab container's PID 1: a shell that sleeps in a loop and reaps orphans. It is not
+# docker-init, because kill() kills every other process in the container (kill -1) and
+# tini would exit with its child; this loop just starts a new sleep.
+_KEEPALIVE = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"]
 
 
 class DockerSandbox(Sandbox):
@@ -118,7 +121,7 @@ class DockerSandbox(Sandbox):
                 environment=env,
                 working_dir=self.repo_dir(job),
                 labels=orbital_labels(cfg.prefix, cfg.worker_id, slot.index, job.id),
-                host_config=inner.create_host_config(network_mode="host", binds=binds, init=True),
+                host_config=inner.create_host_config(network_mode="host", binds=binds),
             )
             inner.start(created["Id"])
         except docker.errors.DockerException as err:
