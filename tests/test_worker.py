@@ -389,3 +389,20 @@ async def test_handler_crash_ends_job_as_error(settings: Settings, client: redis
     assert stored.state == "error"
     assert stored.attempts == 1
     assert "RuntimeError: handler bug" in stored.error
+
+
+async def test_worker_heartbeat_events_every_nth_beat(
+    lab_env: Settings, client: redis.Redis
+) -> None:
+    """The worker emits worker.heartbeat periodically (every Nth beat), not on every beat."""
+    fast = dataclasses.replace(lab_env, heartbeat_ttl_s=0.3, heartbeat_event_every=3)
+    keys = Keys(fast.prefix)
+    start = time.monotonic()
+    await run_worker(fast, lambda: time.monotonic() - start > 1.6)
+    import json
+
+    events = [json.loads(f[b"e"]) for _, f in client.xrange(keys.outbox)]
+    beats = [e for e in events if e["type"] == "worker.heartbeat"]
+    # 1.6 s at one beat per 0.1 s is at most 16 beats: at most 5 events at every 3rd (+1 slack).
+    assert 2 <= len(beats) <= 6
+    assert beats[0]["data"]["worker_id"] == "w-test"

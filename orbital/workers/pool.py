@@ -209,19 +209,25 @@ class Worker:
             )
 
     # background loops -----------------------------------------------------
-    async def _heartbeat_once(self, status: str | None = None) -> None:
+    async def _heartbeat_once(self, status: str | None = None, *, emit_event: bool = False) -> None:
         if status:
             self.registration.status = status
         self.registration.active_jobs = {j: r.job.queue for j, r in self._running.items()}
-        await self.registration.publish(self.client, self.keys, self.settings.heartbeat_ttl_s)
+        await self.registration.publish(
+            self.client, self.keys, self.settings.heartbeat_ttl_s, emit_event=emit_event
+        )
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl_s / 3
+        beats = 0
         while True:
             await anyio.sleep(interval)
             status = "draining" if self._draining.is_set() else "ready"
+            beats += 1
+            # worker.heartbeat goes out every Nth beat, not on each one.
+            emit_event = beats % self.settings.heartbeat_event_every == 0
             try:
-                await self._heartbeat_once(status)
+                await self._heartbeat_once(status, emit_event=emit_event)
             except _REDIS_ERRORS as err:
                 logger.warning(
                     "worker %s: heartbeat failed (%s); retrying in %.1f s",

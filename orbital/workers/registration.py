@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio
 
+from orbital.events import encode, heartbeat_event
 from orbital.keys import Keys
 
 __all__ = ["Registration", "new_worker_id"]
@@ -61,14 +62,22 @@ class Registration:
             "last_heartbeat": repr(time.time()),
         }
 
-    async def publish(self, client: redis.asyncio.Redis, keys: Keys, ttl_s: float) -> None:
-        """Write the whole hash with a fresh TTL and list the worker (one round trip)."""
+    async def publish(
+        self, client: redis.asyncio.Redis, keys: Keys, ttl_s: float, *, emit_event: bool = False
+    ) -> None:
+        """Write the whole hash with a fresh TTL and list the worker (one round trip);
+        with ``emit_event``, a ``worker.heartbeat`` event goes into the outbox in the
+        same transaction."""
         key = keys.worker(self.worker_id)
+        mapping = self.to_mapping()
         async with client.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping=self.to_mapping())
+            pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, int(ttl_s * 1000))
             pipe.sadd(keys.workers, self.worker_id)
+            if emit_event:
+                event = encode(heartbeat_event(mapping, prefix=keys.prefix))
+                pipe.xadd(keys.outbox, {"e": event})
             await pipe.execute()
 
     async def withdraw(self, client: redis.asyncio.Redis, keys: Keys) -> None:
