@@ -144,6 +144,20 @@ class Keys:
         """List: events the ingest API rejected, with the reason."""
         return self._k("events", "dead")
 
+    @property
+    def shipper_lock(self) -> str:
+        """String with a TTL: the one shipper allowed to send."""
+        return self._k("events", "outbox", "shipper")
+
+    # github ------------------------------------------------------------
+    def webhook_delivery(self, delivery_id: str) -> str:
+        """String with a TTL: an ``X-GitHub-Delivery`` id already accepted."""
+        return self._k("github", "delivery", delivery_id)
+
+    def webhook_once(self, subject_key: str) -> str:
+        """String: the one job a subject (an issue, a head commit) may start."""
+        return self._k("github", "once", subject_key)
+
 
 def triple(repo: str, branch: str, arch: str) -> str:
     """Join a repository, branch and arch into the lock key part."""

@@ -105,13 +105,8 @@ class DeadLetter:
 
 
 def lock_key(keys: Keys) -> str:
-    """The shipper lock's key, ``<outbox>:shipper``.
-
-    ``orbital.keys.Keys`` has no name for it yet, so it is derived here, beside the
-    outbox (one SCAN of the prefix still finds it). Moving it into ``Keys`` as
-    ``shipper_lock`` removes this exception to "every key name in one module".
-    """
-    return f"{keys.outbox}:shipper"
+    """The shipper lock's key (see :attr:`Keys.shipper_lock`)."""
+    return keys.shipper_lock
 
 
 class Outbox:

@@ -79,14 +79,14 @@ class Intake:
         self.table = table
         self.fleet = fleet
         self.queue = Queue(client, settings)
-        self._base = f"{Keys(settings.prefix).prefix}:github"
+        self._keys = Keys(settings.prefix)
         self._release = client.register_script(_RELEASE)
 
     def delivery_key(self, delivery_id: str) -> str:
-        return f"{self._base}:delivery:{delivery_id}"
+        return self._keys.webhook_delivery(delivery_id)
 
     def once_key(self, subject_key: str) -> str:
-        return f"{self._base}:once:{subject_key}"
+        return self._keys.webhook_once(subject_key)
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Plan ``delivery`` and, unless its id was already accepted, enqueue its jobs.
