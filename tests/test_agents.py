@@ -345,7 +345,7 @@ async def test_agent_timeout_kills_the_whole_process_tree_and_removes_the_checko
     group are all killed, the checkout is removed and the job ends timed_out."""
     agent = write_agent(tmp_path / "hang-agent", mode="hang")
     settings = dataclasses.replace(
-        agent_settings, agent_command=(str(agent), "{prompt}"), agent_timeout_s=2.0
+        agent_settings, agent_command=(str(agent), "{prompt}"), agent_timeout_s=5.0
     )
     queue = Queue(client, settings)
     job = agent_job(action="fix-issue", issue_number=3, issue_title="Hangs")
