@@ -57,6 +57,7 @@ class PoolTiming:
     backoff_max_s: float = 120.0
     health_interval_s: float = 15.0
     take_timeout_s: float = 180.0
+    close_grace_s: float = 60.0
 
 
 @dataclass
@@ -86,6 +87,7 @@ class SlotPool:
         self._changed = anyio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing = anyio.Event()
 
     # --- opening and closing -------------------------------------------------------------
 
@@ -145,18 +147,24 @@ class SlotPool:
                     await self._make_ready(entry)
                     return
             if attempt < attempts:
-                await anyio.sleep(self._delay(attempt))
+                await self._pause(self._delay(attempt))
         entry.set(SlotState.FAILED)
 
     async def close(self) -> None:
-        """Stop background work and remove every slot (bounded attempts each)."""
+        """Stop background work and remove every slot (bounded attempts each).
+
+        Resets and rebuilds in progress are let finish (they stop at their next
+        pause) for up to ``close_grace_s``, then cancelled.
+        """
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closing.set()
         async with self._changed:
             self._changed.notify_all()
+        if self._tasks:
+            with anyio.move_on_after(self.timing.close_grace_s):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
         async with anyio.create_task_group() as tg:
             for entry in self._entries:
                 tg.start_soon(self._destroy, entry)
@@ -215,6 +223,7 @@ class SlotPool:
             logger.info(
                 "slot %s: rebuilding after its job (%s)", slot.base_name, reason or "unhealthy"
             )
+            entry.set(SlotState.REBUILDING)
             self._spawn(self._rebuild(entry))
         else:
             entry.set(SlotState.RESETTING)
@@ -244,7 +253,9 @@ class SlotPool:
             if first_delay or attempt > 1:
                 delay = self._delay(entry.failures)
                 logger.info("slot %s: next rebuild attempt in %.1f s", slot.base_name, delay)
-                await anyio.sleep(delay)
+                await self._pause(delay)
+                if self._closed:
+                    return
             try:
                 if not await anyio.to_thread.run_sync(slot.destroy):
                     raise SandboxError(
@@ -271,7 +282,9 @@ class SlotPool:
 
     async def _watch_health(self) -> None:
         while not self._closed:
-            await anyio.sleep(self.timing.health_interval_s)
+            await self._pause(self.timing.health_interval_s)
+            if self._closed:
+                return
             for entry in list(self._ready):
                 healthy = await anyio.to_thread.run_sync(entry.slot.healthy)
                 if healthy or entry not in self._ready:
@@ -284,6 +297,11 @@ class SlotPool:
                 self._spawn(self._rebuild(entry))
 
     # --- helpers -----------------------------------------------------------------------
+
+    async def _pause(self, delay_s: float) -> None:
+        """Sleep ``delay_s``, or less when the pool closes."""
+        with anyio.move_on_after(delay_s):
+            await self._closing.wait()
 
     def _delay(self, failures: int) -> float:
         exponent = max(failures - 1, 0)
