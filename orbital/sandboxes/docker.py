@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 import tarfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from orbital.sandboxes.base import OutputCallback, Sandbox, SandboxProvider, Ste
 from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_step, start_step
 from orbital.sandboxes.docker_pool import PoolTiming, SlotPool
 from orbital.sandboxes.docker_slot import (
+    DOCKER_ERRORS,
     LAB_NAME,
     WORKSPACES,
     Slot,
@@ -49,7 +51,7 @@ from orbital.sandboxes.docker_slot import (
 )
 from orbital.settings import Settings
 
-__all__ = ["ISOLATION_MODES", "DockerSandbox", "DockerSandboxProvider"]
+__all__ = ["ISOLATION_MODES", "DockerSandbox", "DockerSandboxProvider", "engine_ready"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ class DockerSandbox(Sandbox):
         #: Set when the slot must be rebuilt rather than reset after this job.
         self.needs_rebuild = ""
         self._cancelled = False
-        self._steps: set[StepProcess] = set()
         self._scopes: set[anyio.CancelScope] = set()
 
     @property
@@ -124,7 +125,7 @@ class DockerSandbox(Sandbox):
                 host_config=inner.create_host_config(network_mode="host", binds=binds),
             )
             inner.start(created["Id"])
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"slot {slot.base_name}: cannot start the lab container for job {job.id} "
                 f"from {cfg.lab_image!r}: {err}"
@@ -142,12 +143,28 @@ class DockerSandbox(Sandbox):
     ) -> StepResult:
         if self._cancelled:
             return StepResult(exit_code=None, duration_s=0.0, cancelled=True)
+        try:
+            return await self._run(argv, env=env, cwd=cwd, timeout_s=timeout_s, on_output=on_output)
+        except DOCKER_ERRORS as err:
+            self.needs_rebuild = self.needs_rebuild or "the slot's daemon failed"
+            raise SandboxError(
+                f"slot {self.slot.base_name}: job {self.job_id}: running {argv[0]!r} failed: {err}"
+            ) from err
+
+    async def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float,
+        on_output: OutputCallback,
+    ) -> StepResult:
         started = time.monotonic()
         inner = self.slot.client()
         step = await anyio.to_thread.run_sync(
             lambda: start_step(inner, self.lab, argv, env=env, cwd=cwd)
         )
-        self._steps.add(step)
         try:
             interrupted = await self._stream(step, timeout_s, on_output)
         except anyio.get_cancelled_exc_class():
@@ -155,8 +172,6 @@ class DockerSandbox(Sandbox):
                 await self._kill(step)
             self.needs_rebuild = self.needs_rebuild or "a step was interrupted"
             raise
-        finally:
-            self._steps.discard(step)
 
         duration = time.monotonic() - started
         if interrupted:
@@ -234,7 +249,7 @@ class DockerSandbox(Sandbox):
             await anyio.to_thread.run_sync(
                 lambda: inner.put_archive(self.lab, "/", buffer.getvalue())
             )
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.slot.base_name}: cannot write {path}: {err}") from err
 
     async def read_file(self, path: str) -> bytes | None:
@@ -253,7 +268,7 @@ class DockerSandbox(Sandbox):
 
         try:
             return await anyio.to_thread.run_sync(read)
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.slot.base_name}: cannot read {path}: {err}") from err
 
     async def kill(self) -> None:
@@ -274,7 +289,7 @@ class DockerSandbox(Sandbox):
                     killer = inner.exec_create(self.lab, ["sh", "-c", "kill -KILL -1; exit 0"])
                     inner.exec_start(killer["Id"])
                     return True
-                except docker.errors.DockerException:
+                except DOCKER_ERRORS:
                     time.sleep(0.2)
             return False
 
@@ -331,6 +346,7 @@ class DockerSandboxProvider(SandboxProvider):
             mounts = parse_lab_mounts(settings.docker_lab_mounts)
         except SandboxError as err:
             raise ConfigError(str(err)) from None
+        mounts += tuple(m for m in _git_url_mounts(settings.git_url_template) if m not in mounts)
         self.config = SlotConfig(
             prefix=settings.prefix,
             worker_id=worker_id,
@@ -383,7 +399,7 @@ class DockerSandboxProvider(SandboxProvider):
         try:
             host = docker.APIClient(base_url=url, timeout=int(self.settings.docker_api_timeout_s))
             runtimes = host.info().get("Runtimes") or {}
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"setting docker_host={url!r}: Docker engine not reachable: {err}"
             ) from err
@@ -437,6 +453,39 @@ class DockerSandboxProvider(SandboxProvider):
             "lab_image": self.settings.docker_lab_image,
             "slots": self.pool.describe() if self.pool is not None else [],
         }
+
+
+def engine_ready(settings: Settings, timeout_s: float = 5.0) -> tuple[bool, str]:
+    """Whether the engine at ``docker_host`` answers and holds the outer and lab images
+    (what ``--sandbox auto`` needs to pick Docker), and a sentence saying why."""
+    url = settings.docker_host
+    try:
+        client = docker.APIClient(base_url=url, timeout=max(int(timeout_s), 1))
+    except DOCKER_ERRORS as err:
+        return False, f"no Docker engine answers at {url} ({err})"
+    try:
+        for image in (settings.docker_outer_image, settings.docker_lab_image):
+            try:
+                client.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return False, f"the Docker engine at {url} lacks the image {image!r}"
+    except DOCKER_ERRORS as err:
+        return False, f"the Docker engine at {url} failed to answer: {err}"
+    finally:
+        client.close()
+    return True, f"docker ({settings.docker_isolation}) at {url}"
+
+
+def _git_url_mounts(template: str) -> tuple[tuple[str, str], ...]:
+    """A ``file://`` git URL template points at host directories the lab cannot see;
+    mount the directory holding its repositories read-only at the same path."""
+    if not template.startswith("file://"):
+        return ()
+    static = template[len("file://") :].split("{", 1)[0]
+    directory = (static if static.endswith("/") else posixpath.dirname(static)).rstrip("/")
+    if not directory.startswith("/") or directory.count("/") < 2:
+        return ()  # never the root or a top-level directory such as /home
+    return ((directory, directory),)
 
 
 def _slot_dir(settings: Settings) -> Path:

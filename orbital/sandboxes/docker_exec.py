@@ -28,6 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orbital.errors import SandboxError
 from orbital.sandboxes.base import OutputCallback
+from orbital.sandboxes.docker_slot import DOCKER_ERRORS
 
 __all__ = ["ExecStream", "StepProcess", "kill_step", "start_step"]
 
@@ -99,7 +100,7 @@ def start_step(
             environment=dict(env),
             workdir=cwd,
         )
-    except docker.errors.DockerException as err:
+    except DOCKER_ERRORS as err:
         raise SandboxError(
             f"container {container}: cannot create exec for {argv[0]!r}: {err}"
         ) from err
@@ -124,7 +125,7 @@ def kill_step(client: docker.APIClient, container: str, step: StepProcess, attem
                 return True
             if not client.exec_inspect(step.exec_id).get("Running", False):
                 return True
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             logger.warning(
                 "container %s: killing step exec %s failed (attempt %d of %d): %s",
                 container,

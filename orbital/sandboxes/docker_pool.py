@@ -27,7 +27,7 @@ import anyio
 import docker
 
 from orbital.errors import SandboxError
-from orbital.sandboxes.docker_slot import Slot, SlotConfig, remove_leftovers
+from orbital.sandboxes.docker_slot import DOCKER_ERRORS, Slot, SlotConfig, remove_leftovers
 
 __all__ = ["PoolTiming", "SlotPool", "SlotState"]
 
@@ -132,7 +132,7 @@ class SlotPool:
             async with limiter:
                 try:
                     await anyio.to_thread.run_sync(entry.slot.build)
-                except SandboxError as err:
+                except (SandboxError, *DOCKER_ERRORS) as err:
                     entry.failures += 1
                     entry.set(SlotState.WARMING, str(err))
                     logger.warning(
@@ -236,7 +236,7 @@ class SlotPool:
             await anyio.to_thread.run_sync(slot.clean)
             await anyio.to_thread.run_sync(slot.refresh_lab_image)
             slot.oom_baseline = await anyio.to_thread.run_sync(slot.oom_kills)
-        except SandboxError as err:
+        except (SandboxError, *DOCKER_ERRORS) as err:
             logger.warning("slot %s: reset failed, rebuilding it: %s", slot.base_name, err)
             entry.error = str(err)
             await self._rebuild(entry)
@@ -262,7 +262,7 @@ class SlotPool:
                         f"slot {slot.base_name}: old container {slot.container} not removed"
                     )
                 await anyio.to_thread.run_sync(slot.build)
-            except SandboxError as err:
+            except (SandboxError, *DOCKER_ERRORS) as err:
                 entry.failures += 1
                 entry.error = str(err)
                 logger.warning(

@@ -35,6 +35,7 @@ from orbital.errors import SandboxError
 
 __all__ = [
     "BOOT_SCRIPT",
+    "DOCKER_ERRORS",
     "LAB_NAME",
     "WORKSPACES",
     "Slot",
@@ -52,6 +53,9 @@ _SOCKET_DIR = "/run/orbital"
 _SOCKET_MAX = 100  # sun_path holds 108 bytes; keep a margin
 _LOAD_TIMEOUT_S = 900
 _DEFAULT_NETWORKS = {"bridge", "host", "none"}
+#: What a Docker SDK call raises: the SDK's errors, and requests' transport errors
+#: (timeouts, refused connections), which are OSErrors.
+DOCKER_ERRORS = (docker.errors.DockerException, OSError)
 
 # The outer container's entrypoint. Under the default runtime Docker mounts /sys and
 # the cgroup file systems read-only; the inner daemon needs them writable (it is a
@@ -172,6 +176,9 @@ class Slot:
             self.inner = self._wait_inner()
             self.load_lab_image()
             self.oom_baseline = self.oom_kills()
+        except DOCKER_ERRORS as err:
+            self.destroy()
+            raise SandboxError(f"slot {self.base_name}: warm-up failed: {err}") from err
         except BaseException:
             self.destroy()
             raise
@@ -228,7 +235,7 @@ class Slot:
                 host_config=host_config,
             )
             self.host.start(self.container)
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"slot {self.base_name}: cannot start outer container from "
                 f"{cfg.outer_image!r}: {err}"
@@ -243,7 +250,7 @@ class Slot:
                 return docker.APIClient(
                     base_url=f"unix://{self.socket_path}", timeout=int(self.config.api_timeout_s)
                 )
-            except (docker.errors.DockerException, OSError):
+            except DOCKER_ERRORS:
                 pass
             state = self.host.inspect_container(self.container)["State"]
             if not state.get("Running"):
@@ -273,11 +280,15 @@ class Slot:
                 self.host.remove_volume(self.volume, force=True)
             except docker.errors.NotFound:
                 pass
-            except docker.errors.DockerException as err:
+            except DOCKER_ERRORS as err:
+                # Removing a big inner data-root can outlast the API timeout; the volume
+                # is labelled, so the next start of this worker removes it.
                 logger.warning(
-                    "slot %s: volume %s not removed: %s", self.base_name, self.volume, err
+                    "slot %s: volume %s not removed (%s); it goes at the next start",
+                    self.base_name,
+                    self.volume,
+                    err,
                 )
-                removed = False
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         return removed
 
@@ -291,7 +302,7 @@ class Slot:
         """
         try:
             return str(self.host.inspect_image(self.config.lab_image)["Id"])
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"docker_lab_image={self.config.lab_image!r}: not on the host engine "
                 f"(pull or build it there first): {err}"
@@ -318,7 +329,7 @@ class Slot:
                         f"slot {self.base_name}: loading the lab image: {message['error']}"
                     )
             loaded = str(loader.inspect_image(self.config.lab_image)["Id"])
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"slot {self.base_name}: loading {self.config.lab_image!r}: {err}"
             ) from err
@@ -347,7 +358,7 @@ class Slot:
         try:
             running = bool(self.host.inspect_container(self.container)["State"].get("Running"))
             return running and bool(self.inner.ping())
-        except (docker.errors.DockerException, OSError):
+        except DOCKER_ERRORS:
             return False
 
     def oom_kills(self) -> dict[str, int]:
@@ -383,7 +394,7 @@ class Slot:
             created = self.host.exec_create(self.container, argv)
             output = self.host.exec_start(created["Id"])
             code = self.host.exec_inspect(created["Id"]).get("ExitCode")
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.base_name}: {argv[0]} failed: {err}") from err
         text = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
         if code != 0:
@@ -401,7 +412,7 @@ class Slot:
             tar.addfile(info, io.BytesIO(data))
         try:
             self.host.put_archive(self.container, "/", buffer.getvalue())
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.base_name}: cannot write {path}: {err}") from err
 
     # --- between jobs ------------------------------------------------------------------
@@ -427,7 +438,7 @@ class Slot:
                     inner.remove_image(image["Id"], force=True, noprune=False)
         except docker.errors.NotFound:
             pass
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.base_name}: cleaning the inner daemon: {err}") from err
         self.outer_exec(["find", WORKSPACES, "-mindepth", "1", "-delete"])
         self.verify_empty()
@@ -444,7 +455,7 @@ class Slot:
         self.load_lab_image()
         try:
             self.client().remove_image(old, force=True)
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"slot {self.base_name}: old lab image {old[7:19]} not removed: {err}"
             ) from err
@@ -476,7 +487,7 @@ class Slot:
                 for i in inner.images(all=True)
                 if i["Id"] != self.lab_image_id
             ]
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             raise SandboxError(
                 f"slot {self.base_name}: cannot list the inner daemon: {err}"
             ) from err
@@ -511,7 +522,7 @@ def remove_container(
                 attempts,
                 err,
             )
-        except (docker.errors.DockerException, OSError) as err:
+        except DOCKER_ERRORS as err:
             logger.warning(
                 "container %s: removal failed (attempt %d of %d): %s",
                 container[:40],
@@ -540,7 +551,7 @@ def remove_leftovers(
         try:
             host.remove_volume(volume["Name"], force=True)
             removed.append(volume["Name"])
-        except docker.errors.DockerException as err:
+        except DOCKER_ERRORS as err:
             logger.warning("volume %s: leftover not removed: %s", volume["Name"], err)
     return removed
 
