@@ -95,11 +95,11 @@ async def run_manager(
 ) -> Worker:
     """Run an in-process worker serving the agent and sync queues (and amd64 labs)
     until ``until()`` holds, then drain it."""
-    provider = make_provider(settings, "local", "w-mgr")
+    provider = make_provider(settings, "local", manager_name(settings))
     config = WorkerConfig(
         arch="amd64",
         capacity=dict(capacity or {"agent": 2, "sync": 1, "test:amd64": 1}),
-        name="w-mgr",
+        name=manager_name(settings),
         drain_timeout_s=5,
         handlers=dict(handlers or {JobType.AGENT: run_agent_job}),
     )
@@ -111,6 +111,13 @@ async def run_manager(
                 await anyio.sleep(0.05)
         worker.drain()
     return worker
+
+
+def manager_name(settings: Settings) -> str:
+    """The in-process worker's id. Unique per test: a starting local worker kills the
+    leftover processes of any earlier worker with its id, on the whole machine, and
+    other test sessions may run at the same time."""
+    return f"w-mgr-{settings.prefix}"
 
 
 def agent_job(repo: str = "acme/lab", branch: str = "main", **params: Any) -> Job:
@@ -331,7 +338,7 @@ async def test_fix_issue_runs_the_agent_in_a_fresh_checkout_without_a_shell(
     assert data["repository.name"] == "acme/lab"
     assert len(data["commit_sha"]) == 40
     assert data["framework.version"] == "1.4.0"
-    assert data["worker_id"] == "w-mgr"
+    assert data["worker_id"] == manager_name(agent_settings)
     assert comments
     assert comments[0][:2] == ("acme/lab", 7)
     assert "Fixed: the greeting" in comments[0][2]
@@ -353,7 +360,7 @@ async def test_agent_timeout_kills_the_whole_process_tree_and_removes_the_checko
     await run_manager(settings, ended(queue, job))
 
     stored = queue.get_job(job.id)
-    assert stored.state == "timed_out"
+    assert stored.state == "timed_out", stored.error
     assert "timed out after" in stored.error
     assert "processes were killed" in stored.error
     pids = json.loads(Path(f"{agent}.json.pids").read_text())

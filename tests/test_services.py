@@ -123,12 +123,13 @@ def test_manager_worker_service_runs_a_sync_job_and_stops_on_sigterm(
 ) -> None:
     """The worker service serves the sync queue with --manager, runs a drift job, and
     on SIGTERM drains, withdraws its registration and exits 0, logging each step."""
-    worker = start(services, "worker.py", ["--manager", "--arch", "amd64", "--name", "svc-mgr"],
+    name = f"svc-mgr-{fleet_settings.prefix}"
+    worker = start(services, "worker.py", ["--manager", "--arch", "amd64", "--name", name],
                    service_env(fleet_settings))  # fmt: skip
     worker.wait_for(
-        r"worker service: starting worker svc-mgr: queues agentx1, syncx1, test:amd64x2, Redis redis://"
+        rf"worker service: starting worker {name}: queues agentx1, syncx1, test:amd64x2, Redis redis://"
     )
-    worker.wait_for(r"worker svc-mgr: ready")
+    worker.wait_for(rf"worker {name}: ready")
 
     queue = Queue(client, fleet_settings)
     job = Job(type=JobType.SYNC, params={"action": "drift"})
@@ -140,11 +141,11 @@ def test_manager_worker_service_runs_a_sync_job_and_stops_on_sigterm(
     for step in (
         "got SIGTERM",
         "draining",
-        "worker svc-mgr: stopped",
-        "worker svc-mgr exited cleanly",
+        f"worker {name}: stopped",
+        f"worker {name} exited cleanly",
     ):
         worker.wait_for(step, timeout_s=1)
-    assert not client.exists(Keys(fleet_settings.prefix).worker("svc-mgr"))
+    assert not client.exists(Keys(fleet_settings.prefix).worker(name))
     assert not any(fleet_settings.redis_url in line for line in worker.lines if "@" in line)
 
 
@@ -162,8 +163,9 @@ def test_sigterm_lets_a_running_agent_job_finish(
     agent.write_text(agent.read_text().replace('print("Fixed:', 'time.sleep(2)\nprint("Fixed:'))
     configured = dataclasses.replace(settings, git_url_template=labs.template)
     env = service_env(configured, ORBITAL_AGENT_COMMAND=f"{agent},{{prompt}}")
-    worker = start(services, "worker.py", ["--queue", "agent=1", "--name", "svc-agent"], env)
-    worker.wait_for("worker svc-agent: ready")
+    name = f"svc-agent-{settings.prefix}"
+    worker = start(services, "worker.py", ["--queue", "agent=1", "--name", name], env)
+    worker.wait_for(f"worker {name}: ready")
 
     queue = Queue(client, configured)
     job = Job(

@@ -29,7 +29,7 @@ from orbital.sync import (
 )
 from orbital.sync.store import drift_key
 from tests.labs import LabFactory
-from tests.test_agents import ended, events_of, run_manager
+from tests.test_agents import ended, events_of, manager_name, run_manager
 
 FRAMEWORK = "acme/codespaces-framework"
 TAGS = ("v1.2.0", "v1.9.0", "v1.10.0", "v2.0.0-rc1", "latest")
@@ -159,10 +159,10 @@ async def test_drift_job_stores_each_repository_status_and_emits_sync_drift(
     assert old["data"]["target_version"] == "v1.10.0"
     assert old["data"]["drifted"] is True
     assert old["data"]["framework.version"] == "v1.9"
-    assert old["data"]["worker_id"] == "w-mgr"
+    assert old["data"]["worker_id"] == manager_name(fleet_settings)
     assert events["acme/current"]["data"]["drifted"] is False
     assert "framework.version" not in events["acme/nodir"]["data"]
-    assert not (fleet_settings.work_dir / "w-mgr" / job.id).exists()
+    assert not (fleet_settings.work_dir / manager_name(fleet_settings) / job.id).exists()
 
 
 async def test_configured_target_wins_and_a_smaller_fleet_replaces_the_results(

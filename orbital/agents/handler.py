@@ -278,7 +278,7 @@ class _AgentRun:
             dest,
             commit=request.commit,
             fetch_ref=request.fetch_ref,
-            timeout_s=min(self.settings.step_timeout_s, self._timeout_s()),
+            timeout_s=self._timeout_s(self.settings.step_timeout_s),
         )
         if not result.ok:
             what = f"checkout of {request.repo} branch {request.branch}{at}"
@@ -315,12 +315,13 @@ class _AgentRun:
         }
         return await ws.run(argv, cwd=checkout, timeout_s=timeout_s, env=env)
 
-    def _timeout_s(self) -> float:
-        """The agent timeout, kept inside the job's own deadline so that this handler,
-        not the worker, ends the job (with its event) when time runs out."""
+    def _timeout_s(self, limit_s: float | None = None) -> float:
+        """``limit_s`` (default: the agent timeout), kept inside the job's own deadline so
+        that this handler, not the worker, ends the job (with its event) when time runs out."""
         left = self.ctx.cancel_scope.deadline - anyio.current_time()
         margin = min(30.0, left * 0.1)
-        return max(1.0, min(self.settings.agent_timeout_s, left - margin))
+        limit_s = self.settings.agent_timeout_s if limit_s is None else limit_s
+        return max(1.0, min(limit_s, left - margin))
 
     # results ----------------------------------------------------------------
     def _from_command(self, request: AgentRequest, result: CommandResult, what: str) -> JobResult:
