@@ -1,10 +1,12 @@
 """Agent jobs: an agent CLI session in a fresh checkout, or a papermill runbook.
 
-Register the handler on a worker that serves the ``agent`` queue::
+Register the handlers on a worker that serves the ``agent`` and ``sync`` queues::
 
-    from orbital.agents import run_agent_job
-    from orbital.sync import run_sync_job
-    WorkerConfig(..., handlers={JobType.AGENT: run_agent_job, JobType.SYNC: run_sync_job})
+    from orbital.agents.manager import manager_handlers
+    WorkerConfig(..., handlers=manager_handlers(settings))
+
+(``manager_handlers`` posts agent summaries on GitHub when ``github_token`` is set;
+``run_agent_job`` alone never comments.)
 """
 
 from __future__ import annotations
