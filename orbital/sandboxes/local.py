@@ -5,7 +5,7 @@ boundary: steps run as the worker's user with its network and file system
 access, which the provider says in a warning when it starts.
 
 Each step runs in its own session (so its own process group). Every process a
-step starts inherits ``ORBITAL_SANDBOX_ID`` in its environment, so a kill also
+step starts inherits ``ORBITAL_SANDBOX_ROOT`` in its environment, so a kill also
 finds processes that left the group (``setsid``, double forks) by scanning
 ``/proc``.
 """
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _KILL_GRACE_S = 2.0
 _READ_SIZE = 65536
+_WATCHDOG = str(Path(__file__).with_name("watchdog.py"))
 _DRAIN_S = 0.5
 _BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
@@ -82,6 +83,7 @@ class LocalSandbox(Sandbox):
             HOME=str(self.root / "home"),
             TMPDIR=str(self.root / "tmp"),
             ORBITAL_SANDBOX_ID=self.sandbox_id,
+            ORBITAL_SANDBOX_ROOT=str(self.root),
         )
         env.update(extra)
         return env
@@ -100,10 +102,12 @@ class LocalSandbox(Sandbox):
         started = time.monotonic()
         command = list(argv)
         if self.lease_grace_s is not None:
+            # Run the watchdog by path in isolated mode: importing the orbital
+            # package (pandas and all) would add about a second to every step.
             command = [
                 sys.executable,
-                "-m",
-                "orbital.sandboxes.watchdog",
+                "-I",
+                _WATCHDOG,
                 str(self.lease_file),
                 f"{self.lease_grace_s:g}",
                 "--",
@@ -115,7 +119,7 @@ class LocalSandbox(Sandbox):
                 command,
                 cwd=cwd,
                 env=self._env(env),
-                stdin=None,
+                stdin=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -188,7 +192,7 @@ class LocalSandbox(Sandbox):
         for pgid in list(self._groups):
             await self._kill_group(pgid)
         self._groups.clear()
-        for pid in _pids_with_marker(self.sandbox_id):
+        for pid in _pids_with_marker(str(self.root)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -261,9 +265,13 @@ def _is_running(pid: int) -> bool:
 
 
 def _sandbox_pids() -> list[tuple[int, str]]:
-    """(pid, sandbox id) of every process that carries an ``ORBITAL_SANDBOX_ID``."""
+    """(pid, sandbox root) of every process that carries an ``ORBITAL_SANDBOX_ROOT``.
+
+    Matching on the root directory (not the worker's name) keeps two installations
+    on one host, or two test sessions, from killing each other's steps.
+    """
     found = []
-    prefix = b"ORBITAL_SANDBOX_ID="
+    prefix = b"ORBITAL_SANDBOX_ROOT="
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -277,8 +285,8 @@ def _sandbox_pids() -> list[tuple[int, str]]:
     return found
 
 
-def _pids_with_marker(sandbox_id: str) -> list[int]:
-    return [pid for pid, sid in _sandbox_pids() if sid == sandbox_id]
+def _pids_with_marker(root: str) -> list[int]:
+    return [pid for pid, found in _sandbox_pids() if found == root]
 
 
 class LocalSandboxProvider(SandboxProvider):
@@ -305,8 +313,8 @@ class LocalSandboxProvider(SandboxProvider):
     async def _remove_leftovers(self) -> None:
         """Kill processes and remove directories a previous run of this worker left
         (it was killed before it could clean up)."""
-        marker = f"{self.worker_id}."
-        pids = [pid for pid, sid in _sandbox_pids() if sid.startswith(marker)]
+        marker = f"{self.base}/"
+        pids = [pid for pid, root in _sandbox_pids() if root.startswith(marker)]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
