@@ -13,11 +13,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import anyio
 import click
 
 from orbital.client import Orbital, connect
-from orbital.connection import resolve_redis_url
 from orbital.errors import OrbitalError
 from orbital.jobs import JobType
 from orbital.settings import Settings, host_arch
@@ -194,6 +192,7 @@ def _triage_table(entries: Iterable[Any]) -> str:
 )
 @click.option("--manager", is_flag=True, help="Also serve the agent and sync queues.")
 @click.option("--agent-capacity", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--sync-capacity", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option(
     "--sandbox",
     type=click.Choice(["local", "docker"]),
@@ -218,31 +217,23 @@ def worker(
     capacity: int,
     manager: bool,
     agent_capacity: int,
+    sync_capacity: int,
     sandbox: str | None,
     name: str,
     queues: tuple[str, ...],
     drain_timeout: float,
 ) -> None:
     """Run a worker against the configured Redis until SIGTERM (then drain)."""
-    from orbital.sandboxes.select import make_provider
-    from orbital.workers import Worker, WorkerConfig
+    from orbital.workers.service import queue_plan, serve
 
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     settings = Settings.from_env(sandbox=sandbox) if sandbox else Settings.from_env()
-    plan: dict[str, int] = {f"test:{arch}": capacity}
-    if manager:
-        plan[JobType.AGENT.value] = agent_capacity
-        plan[JobType.SYNC.value] = 1
-    if queues:
-        plan = {}
-        for item in queues:
-            queue_name, _, number = item.partition("=")
-            plan[queue_name] = int(number or capacity)
-    provider = make_provider(settings, settings.sandbox, name or None)
-    config = WorkerConfig(arch=arch, capacity=plan, name=name, drain_timeout_s=drain_timeout)
-    engine = Worker(settings, config, provider, redis_url=resolve_redis_url(settings))
-    anyio.run(engine.run)
+    plan = queue_plan(
+        arch=arch, capacity=capacity, manager=manager, agent_capacity=agent_capacity,
+        sync_capacity=sync_capacity, queues=queues,
+    )  # fmt: skip
+    sys.exit(serve(settings, plan, arch=arch, name=name, drain_timeout_s=drain_timeout))
 
 
 # ---------------------------------------------------------------- jobs
@@ -505,6 +496,14 @@ def nightly(ctx: _Ctx, stagger: float | None, wait: bool, as_json: bool) -> None
     elif run.finished:
         click.echo(f"nightly {run.run_id} finished: {run.passed} passed, {run.failed} failed")
 
+
+def _add_subcommands() -> None:
+    from orbital.sync.cli import sync
+
+    main.add_command(sync)
+
+
+_add_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -21,44 +21,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import urllib.parse
 
-import anyio
-
-from orbital.agents.manager import manager_handlers
-from orbital.connection import resolve_redis_url
 from orbital.errors import ConfigError
-from orbital.jobs import JobType
-from orbital.sandboxes.select import make_provider
 from orbital.settings import Settings, host_arch
-from orbital.workers import Worker, WorkerConfig
+from orbital.workers.service import queue_plan, serve
 
-__all__ = ["main", "queue_plan"]
+__all__ = ["main"]
 
 logger = logging.getLogger("orbital.services.worker")
-
-
-def queue_plan(args: argparse.Namespace) -> dict[str, int]:
-    """The queues this worker serves and its capacity on each.
-
-    Raises:
-        ConfigError: for a ``--queue`` item that is not ``name`` or ``name=N``.
-    """
-    if args.queue:
-        plan = {}
-        for item in args.queue:
-            name, _, number = item.partition("=")
-            if not name or (number and not number.isdigit()) or number == "0":
-                raise ConfigError(f"--queue {item!r}: expected a queue name, or name=N with N >= 1")
-            plan[name] = int(number or args.capacity)
-        return plan
-    plan = {f"test:{args.arch}": args.capacity}
-    if args.manager:
-        plan[JobType.AGENT.value] = args.agent_capacity
-        plan[JobType.SYNC.value] = args.sync_capacity
-    return plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,14 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _where(url: str) -> str:
-    """The Redis URL without credentials, for log lines."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "unix":
-        return f"unix:{parts.path}"
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT has drained it; return the exit status."""
     args = _parser().parse_args(argv)
@@ -103,39 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # A service reads nothing from its terminal; an agent CLI that finds stdin open
-    # would wait on it. (systemd gives /dev/null already; a shell may not.)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-
     try:
         settings = Settings.from_env(**({"sandbox": args.sandbox} if args.sandbox else {}))
-        plan = queue_plan(args)
-        redis_url = resolve_redis_url(settings)
-        provider = make_provider(settings, settings.sandbox, args.name or None)
-        config = WorkerConfig(
-            arch=args.arch, capacity=plan, name=args.name, drain_timeout_s=args.drain_timeout,
-            handlers=manager_handlers(settings),
+        plan = queue_plan(
+            arch=args.arch, capacity=args.capacity, manager=args.manager,
+            agent_capacity=args.agent_capacity, sync_capacity=args.sync_capacity, queues=args.queue,
         )  # fmt: skip
-        worker = Worker(settings, config, provider, redis_url=redis_url)
     except ConfigError as err:
         logger.error("worker service: cannot start: %s", err)
         return 2
-
-    queues = ", ".join(f"{name}x{n}" for name, n in sorted(plan.items()))
-    logger.info(
-        "worker service: starting worker %s: queues %s, Redis %s, prefix %s, sandbox %s",
-        worker.worker_id, queues, _where(redis_url), settings.prefix, settings.sandbox,
-    )  # fmt: skip
-    try:
-        anyio.run(worker.run)
-    except Exception:
-        logger.exception("worker service: worker %s crashed; its claimed jobs return to their queues "
-                         "when its lease expires", worker.worker_id)  # fmt: skip
-        return 1
-    logger.info("worker service: worker %s exited cleanly", worker.worker_id)
-    return 0
+    return serve(settings, plan, arch=args.arch, name=args.name, drain_timeout_s=args.drain_timeout)
 
 
 if __name__ == "__main__":

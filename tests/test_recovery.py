@@ -285,7 +285,9 @@ def test_two_hundred_jobs_survive_ten_sigkills(
     def done() -> bool:
         return client.zcard(keys.jobs_ended) == 200
 
-    wait_for(done, 240, "all 200 jobs to end")
+    # Generous: a loaded 2-core CI machine runs ~1,000 steps here; the test is about
+    # correctness (exactly once, nothing lost), not speed.
+    wait_for(done, 900, "all 200 jobs to end")
     states = [queue.get_job(j.id).state for j in jobs]
     assert states.count("passed") == 200, {s: states.count(s) for s in set(states)}
     assert client.zcard(keys.builds_all) == 200

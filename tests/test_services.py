@@ -127,7 +127,7 @@ def test_manager_worker_service_runs_a_sync_job_and_stops_on_sigterm(
     worker = start(services, "worker.py", ["--manager", "--arch", "amd64", "--name", name],
                    service_env(fleet_settings))  # fmt: skip
     worker.wait_for(
-        rf"worker service: starting worker {name}: queues agentx1, syncx1, test:amd64x2, Redis redis://"
+        rf"worker {name}: starting: queues agentx1, syncx1, test:amd64x2, Redis redis://"
     )
     worker.wait_for(rf"worker {name}: ready")
 
@@ -142,7 +142,7 @@ def test_manager_worker_service_runs_a_sync_job_and_stops_on_sigterm(
         "got SIGTERM",
         "draining",
         f"worker {name}: stopped",
-        f"worker {name} exited cleanly",
+        f"worker {name}: exited cleanly",
     ):
         worker.wait_for(step, timeout_s=1)
     assert not client.exists(Keys(fleet_settings.prefix).worker(name))

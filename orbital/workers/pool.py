@@ -137,20 +137,13 @@ class Worker:
         client = self._client or async_client(self._redis_url)
         self.queue = AsyncQueue(client, self.settings)
         self.client = client
-        await self.provider.open(sum(self.config.capacity.values()))
         try:
-            await self._recover_own_claims()
-            await self._heartbeat_once("ready")
-            logger.info(
-                "worker %s: ready: arch %s, queues %s, sandbox %s",
-                self.worker_id,
-                self.config.arch,
-                ", ".join(f"{q}x{n}" for q, n in sorted(self.config.capacity.items())),
-                self.provider.describe().get("kind"),
-            )
             async with anyio.create_task_group() as tg:
+                # Signals first: a SIGTERM during warm-up or registration drains.
                 if handle_signals:
-                    tg.start_soon(self._watch_signals)
+                    await tg.start(self._watch_signals)
+                await self.provider.open(sum(self.config.capacity.values()))
+                await self._start_up()
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reaper_loop)
                 tg.start_soon(self._drain_deadline)
@@ -162,6 +155,29 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop(client)
+
+    async def _start_up(self) -> None:
+        """Recover this worker's old claims and register, retrying while Redis is away."""
+        delay = 0.2
+        while True:
+            try:
+                await self._recover_own_claims()
+                await self._heartbeat_once("ready")
+                break
+            except _REDIS_ERRORS as err:
+                logger.warning(
+                    "worker %s: Redis unreachable at start (%s); retrying in %.1f s",
+                    self.worker_id, err, delay,
+                )  # fmt: skip
+                await anyio.sleep(delay)
+                delay = min(_MAX_BACKOFF_S, delay * 2)
+        logger.info(
+            "worker %s: ready: arch %s, queues %s, sandbox %s",
+            self.worker_id,
+            self.config.arch,
+            ", ".join(f"{q}x{n}" for q, n in sorted(self.config.capacity.items())),
+            self.provider.describe().get("kind"),
+        )
 
     async def _stop(self, client: redis.asyncio.Redis) -> None:
         self.registration.status = "stopped"
@@ -177,8 +193,9 @@ class Worker:
         self._stopped.set()
         logger.info("worker %s: stopped", self.worker_id)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 logger.info("worker %s: got %s", self.worker_id, signal.Signals(signum).name)
                 self.drain()
