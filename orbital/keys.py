@@ -149,6 +149,26 @@ class Keys:
         """String with a TTL: the one shipper allowed to send."""
         return self._k("events", "outbox", "shipper")
 
+    # sync --------------------------------------------------------------
+    @property
+    def sync_drift(self) -> str:
+        """Hash: repository -> its latest drift result (JSON)."""
+        return self._k("sync", "drift")
+
+    @property
+    def sync_last(self) -> str:
+        """Hash: the last drift check's target, counts and time."""
+        return self._k("sync", "last")
+
+    def sync_fired(self, slot: str) -> str:
+        """String: marks an hourly drift slot as already queued (set once, with NX)."""
+        return self._k("sync", "fired", slot)
+
+    @property
+    def sync_pending(self) -> str:
+        """String: the id of the drift job queued and not yet ended."""
+        return self._k("sync", "pending")
+
     # github ------------------------------------------------------------
     def webhook_delivery(self, delivery_id: str) -> str:
         """String with a TTL: an ``X-GitHub-Delivery`` id already accepted."""

@@ -33,11 +33,11 @@ _UNFINISHED = {"scheduled", "deferred", "queued", "running"}
 
 
 def _fired_key(keys: Keys, slot: str) -> str:
-    return f"{keys.prefix}:sync:fired:{slot}"
+    return keys.sync_fired(slot)
 
 
 def _pending_key(keys: Keys) -> str:
-    return f"{keys.prefix}:sync:pending"
+    return keys.sync_pending
 
 
 def enqueue_drift_if_due(

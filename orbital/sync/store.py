@@ -27,16 +27,14 @@ from orbital.sync.drift import DriftReport, DriftResult
 __all__ = ["DriftStore", "drift_events", "drift_key", "last_check_key", "save_report"]
 
 
-# These two keys belong in orbital/keys.py with the others; they live here until the
-# keys module (owned by the core engine) takes them over.
 def drift_key(keys: Keys) -> str:
     """Hash: repo -> latest drift result JSON."""
-    return f"{keys.prefix}:sync:drift"
+    return keys.sync_drift
 
 
 def last_check_key(keys: Keys) -> str:
     """Hash: the last drift check's target, counts and time."""
-    return f"{keys.prefix}:sync:last"
+    return keys.sync_last
 
 
 def _event_data(result: DriftResult, report: DriftReport) -> dict[str, Any]:
