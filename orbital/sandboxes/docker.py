@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import logging
-import posixpath
 import tarfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -37,18 +36,19 @@ import docker.errors
 from orbital.errors import ConfigError, SandboxError
 from orbital.jobs import Job
 from orbital.sandboxes.base import OutputCallback, Sandbox, SandboxProvider, StepResult
-from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_step, start_step
-from orbital.sandboxes.docker_pool import PoolTiming, SlotPool
-from orbital.sandboxes.docker_slot import (
+from orbital.sandboxes.docker_engine import (
     DOCKER_ERRORS,
     LAB_NAME,
     WORKSPACES,
-    Slot,
-    SlotConfig,
+    engine_ready,
     env_file,
+    git_url_mounts,
     orbital_labels,
     parse_lab_mounts,
 )
+from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_step, start_step
+from orbital.sandboxes.docker_pool import PoolTiming, SlotPool
+from orbital.sandboxes.docker_slot import Slot, SlotConfig
 from orbital.settings import Settings
 
 __all__ = ["ISOLATION_MODES", "DockerSandbox", "DockerSandboxProvider", "engine_ready"]
@@ -87,12 +87,17 @@ class DockerSandbox(Sandbox):
         return str(PurePosixPath(WORKSPACES) / job.repo.split("/")[-1])
 
     def lab_env(self, job: Job) -> dict[str, str]:
-        """The lab container's environment (also written to ``/workspaces/.orbital/lab.env``)."""
+        """The lab container's environment (also written to ``/workspaces/.orbital/lab.env``).
+
+        Only K3D_LB_HTTP_PORT is published on the host; the HTTPS and API ports exist
+        inside the slot's own network namespace, so they cannot clash between slots.
+        """
         port = self.slot.port
+        https = port + 10000 if port + 10000 < 65536 else port - 10000
         return {
             "K3D_CLUSTER_NAME": f"orbital-slot{self.slot.index}",
             "K3D_LB_HTTP_PORT": str(port),
-            "K3D_LB_HTTPS_PORT": str(port + 10000),
+            "K3D_LB_HTTPS_PORT": str(https),
             "K3D_API_PORT": "6444",
             "ORBITAL_SLOT": str(self.slot.index),
             "ORBITAL_SLOT_PORT": str(port),
@@ -346,7 +351,7 @@ class DockerSandboxProvider(SandboxProvider):
             mounts = parse_lab_mounts(settings.docker_lab_mounts)
         except SandboxError as err:
             raise ConfigError(str(err)) from None
-        mounts += tuple(m for m in _git_url_mounts(settings.git_url_template) if m not in mounts)
+        mounts += tuple(m for m in git_url_mounts(settings.git_url_template) if m not in mounts)
         self.config = SlotConfig(
             prefix=settings.prefix,
             worker_id=worker_id,
@@ -453,39 +458,6 @@ class DockerSandboxProvider(SandboxProvider):
             "lab_image": self.settings.docker_lab_image,
             "slots": self.pool.describe() if self.pool is not None else [],
         }
-
-
-def engine_ready(settings: Settings, timeout_s: float = 5.0) -> tuple[bool, str]:
-    """Whether the engine at ``docker_host`` answers and holds the outer and lab images
-    (what ``--sandbox auto`` needs to pick Docker), and a sentence saying why."""
-    url = settings.docker_host
-    try:
-        client = docker.APIClient(base_url=url, timeout=max(int(timeout_s), 1))
-    except DOCKER_ERRORS as err:
-        return False, f"no Docker engine answers at {url} ({err})"
-    try:
-        for image in (settings.docker_outer_image, settings.docker_lab_image):
-            try:
-                client.inspect_image(image)
-            except docker.errors.ImageNotFound:
-                return False, f"the Docker engine at {url} lacks the image {image!r}"
-    except DOCKER_ERRORS as err:
-        return False, f"the Docker engine at {url} failed to answer: {err}"
-    finally:
-        client.close()
-    return True, f"docker ({settings.docker_isolation}) at {url}"
-
-
-def _git_url_mounts(template: str) -> tuple[tuple[str, str], ...]:
-    """A ``file://`` git URL template points at host directories the lab cannot see;
-    mount the directory holding its repositories read-only at the same path."""
-    if not template.startswith("file://"):
-        return ()
-    static = template[len("file://") :].split("{", 1)[0]
-    directory = (static if static.endswith("/") else posixpath.dirname(static)).rstrip("/")
-    if not directory.startswith("/") or directory.count("/") < 2:
-        return ()  # never the root or a top-level directory such as /home
-    return ((directory, directory),)
 
 
 def _slot_dir(settings: Settings) -> Path:

@@ -28,7 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orbital.errors import SandboxError
 from orbital.sandboxes.base import OutputCallback
-from orbital.sandboxes.docker_slot import DOCKER_ERRORS
+from orbital.sandboxes.docker_engine import DOCKER_ERRORS
 
 __all__ = ["ExecStream", "StepProcess", "kill_step", "start_step"]
 

@@ -27,7 +27,8 @@ import anyio
 import docker
 
 from orbital.errors import SandboxError
-from orbital.sandboxes.docker_slot import DOCKER_ERRORS, Slot, SlotConfig, remove_leftovers
+from orbital.sandboxes.docker_engine import DOCKER_ERRORS, remove_leftovers
+from orbital.sandboxes.docker_slot import Slot, SlotConfig
 
 __all__ = ["PoolTiming", "SlotPool", "SlotState"]
 

@@ -11,8 +11,8 @@
 The worker reaches each inner daemon through its socket in a host directory, so
 the worker must run on the engine's host. Every method here blocks (Docker SDK
 calls); the pool runs them in worker threads. Every container and volume carries
-the labels of :func:`orbital_labels`, so a crashed worker's leftovers are found
-by :func:`remove_leftovers`.
+the labels of :func:`~orbital.sandboxes.docker_engine.orbital_labels`, so a crashed
+worker's leftovers are found by :func:`~orbital.sandboxes.docker_engine.remove_leftovers`.
 """
 
 from __future__ import annotations
@@ -32,72 +32,22 @@ import docker
 import docker.errors
 
 from orbital.errors import SandboxError
+from orbital.sandboxes.docker_engine import (
+    BOOT_SCRIPT,
+    DOCKER_ERRORS,
+    WORKSPACES,
+    orbital_labels,
+    remove_container,
+)
 
-__all__ = [
-    "BOOT_SCRIPT",
-    "DOCKER_ERRORS",
-    "LAB_NAME",
-    "WORKSPACES",
-    "Slot",
-    "SlotConfig",
-    "orbital_labels",
-    "remove_leftovers",
-]
+__all__ = ["Slot", "SlotConfig"]
 
 logger = logging.getLogger(__name__)
 
-LABEL = "org.orbital"
-LAB_NAME = "orbital-lab"
-WORKSPACES = "/workspaces"
 _SOCKET_DIR = "/run/orbital"
 _SOCKET_MAX = 100  # sun_path holds 108 bytes; keep a margin
 _LOAD_TIMEOUT_S = 900
 _DEFAULT_NETWORKS = {"bridge", "host", "none"}
-#: What a Docker SDK call raises: the SDK's errors, and requests' transport errors
-#: (timeouts, refused connections), which are OSErrors.
-DOCKER_ERRORS = (docker.errors.DockerException, OSError)
-
-# The outer container's entrypoint. Under the default runtime Docker mounts /sys and
-# the cgroup file systems read-only; the inner daemon needs them writable (it is a
-# bind remount of this container's own view, which needs CAP_SYS_ADMIN). On cgroup v2
-# the processes move into a child group first, since a group holding processes
-# cannot hand controllers to children. The script then runs the image's dind
-# entrypoint when there is one (docker:*-dind) or dockerd itself.
-BOOT_SCRIPT = """set -e
-if [ "$ORBITAL_REMOUNT" = 1 ]; then
-    mount -o remount,rw /sys 2>/dev/null || mount -o remount,bind,rw /sys
-    for m in $(awk '$3 ~ /^cgroup/ {print $2}' /proc/self/mounts); do
-        mount -o remount,bind,rw,nosuid,nodev,noexec "$m"
-    done
-    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-        mkdir -p /sys/fs/cgroup/orbital-boot
-        for p in $(cat /sys/fs/cgroup/cgroup.procs); do
-            echo "$p" > /sys/fs/cgroup/orbital-boot/cgroup.procs 2>/dev/null || true
-        done
-        for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
-            echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-        done
-    fi
-fi
-mkdir -p /workspaces /run/orbital
-chmod 0777 /workspaces
-rm -f /run/orbital/docker.sock
-set -- dockerd --host=unix:///var/run/docker.sock --host=unix:///run/orbital/docker.sock
-if command -v dockerd-entrypoint.sh >/dev/null 2>&1; then
-    exec dockerd-entrypoint.sh "$@"
-fi
-exec "$@"
-"""
-
-
-def orbital_labels(prefix: str, worker: str, slot: int | str, job: str = "") -> dict[str, str]:
-    """Return the labels every Orbital container and volume carries."""
-    return {
-        f"{LABEL}.managed": prefix,
-        f"{LABEL}.worker": worker,
-        f"{LABEL}.slot": str(slot),
-        f"{LABEL}.job": job,
-    }
 
 
 @dataclass(frozen=True)
@@ -497,83 +447,3 @@ class Slot:
             raise SandboxError(
                 f"slot {self.base_name}: not clean after reset: {', '.join(left[:10])}"
             )
-
-
-def remove_container(
-    client: docker.APIClient, container: str, attempts: int, *, volumes: bool = False
-) -> bool:
-    """Force-remove a container, at most ``attempts`` times. True when it is gone."""
-    if not container:
-        return True
-    for attempt in range(1, attempts + 1):
-        try:
-            client.remove_container(container, force=True, v=volumes)
-            return True
-        except docker.errors.NotFound:
-            return True
-        except docker.errors.APIError as err:
-            if err.status_code == 409 and "already in progress" in str(err):
-                time.sleep(0.5 * attempt)
-                continue
-            logger.warning(
-                "container %s: removal refused (attempt %d of %d): %s",
-                container[:40],
-                attempt,
-                attempts,
-                err,
-            )
-        except DOCKER_ERRORS as err:
-            logger.warning(
-                "container %s: removal failed (attempt %d of %d): %s",
-                container[:40],
-                attempt,
-                attempts,
-                err,
-            )
-        time.sleep(0.5 * attempt)
-    return False
-
-
-def remove_leftovers(
-    host: docker.APIClient, prefix: str, worker_id: str | None, attempts: int = 3
-) -> list[str]:
-    """Remove containers and volumes a previous run of ``worker_id`` left on the engine
-    (every Orbital worker's when ``worker_id`` is None). Returns the names removed."""
-    filters = [f"{LABEL}.managed={prefix}"]
-    if worker_id is not None:
-        filters.append(f"{LABEL}.worker={worker_id}")
-    removed: list[str] = []
-    for container in host.containers(all=True, filters={"label": filters}):
-        name = container["Names"][0].lstrip("/")
-        if remove_container(host, container["Id"], attempts, volumes=True):
-            removed.append(name)
-    for volume in host.volumes(filters={"label": filters}).get("Volumes") or []:
-        try:
-            host.remove_volume(volume["Name"], force=True)
-            removed.append(volume["Name"])
-        except DOCKER_ERRORS as err:
-            logger.warning("volume %s: leftover not removed: %s", volume["Name"], err)
-    return removed
-
-
-def parse_lab_mounts(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """Turn ``docker_lab_mounts`` entries (``/host`` or ``/host:/lab``) into pairs.
-
-    Raises:
-        SandboxError: naming an entry that is not an absolute path.
-    """
-    pairs = []
-    for value in values:
-        source, _, target = value.partition(":")
-        target = target or source
-        if not source.startswith("/") or not target.startswith("/"):
-            raise SandboxError(
-                f"docker_lab_mounts: {value!r} is not an absolute path (or /host:/lab)"
-            )
-        pairs.append((source, target))
-    return tuple(pairs)
-
-
-def env_file(env: Mapping[str, str]) -> bytes:
-    """Render ``env`` as a Docker env file (one KEY=value a line)."""
-    return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode()

@@ -26,7 +26,7 @@ import pytest
 from orbital.jobs import Job, JobType
 from orbital.sandboxes.base import Sandbox, StepResult
 from orbital.sandboxes.docker import DockerSandboxProvider
-from orbital.sandboxes.docker_slot import remove_leftovers
+from orbital.sandboxes.docker_engine import remove_leftovers
 from orbital.settings import Settings
 from tests.conftest import IN_CI
 

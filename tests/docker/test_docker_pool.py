@@ -13,7 +13,7 @@ import pytest
 
 from orbital.sandboxes import docker_slot
 from orbital.sandboxes.docker import DockerSandbox, DockerSandboxProvider
-from orbital.sandboxes.docker_slot import LAB_NAME, orbital_labels
+from orbital.sandboxes.docker_engine import LAB_NAME, orbital_labels
 from tests.docker.conftest import LAB_IMAGE, ProviderFactory, lab_job, sh, wait_until
 
 pytestmark = pytest.mark.anyio

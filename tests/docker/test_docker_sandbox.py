@@ -13,10 +13,13 @@ import pytest
 
 from orbital.errors import ConfigError, SandboxError
 from orbital.sandboxes.docker import DockerSandbox, DockerSandboxProvider
-from orbital.sandboxes.docker_slot import LAB_NAME
+from orbital.sandboxes.docker_engine import LAB_NAME
 from tests.docker.conftest import LAB_IMAGE, close_provider, lab_job, make_settings, sh
 
 pytestmark = pytest.mark.anyio
+
+# The tests share one two-slot provider. Those that spoil a slot (timeout, cancel) are
+# spread out, so a spoiled slot is rebuilt while the other one serves the next tests.
 
 WORKER = "w-sandbox-tests"
 
@@ -54,7 +57,7 @@ async def test_nested_layout_and_lab_container(
         slot = sandbox.slot
         outer = host_api.inspect_container(slot.container)
         assert outer["Config"]["Labels"]["org.orbital.worker"] == "w-sandbox-tests"
-        assert outer["Config"]["Labels"]["org.orbital.slot"] == "0"
+        assert outer["Config"]["Labels"]["org.orbital.slot"] == str(slot.index)
         assert not outer["HostConfig"]["Privileged"]
         assert set(outer["HostConfig"]["CapAdd"]) == {"SYS_ADMIN", "NET_ADMIN"}
 
@@ -87,6 +90,26 @@ async def test_nested_layout_and_lab_container(
         provider.settings.docker_port_base,
         provider.settings.docker_port_base + 1,
     }
+
+
+async def test_timeout_kills_the_step_process_group(provider: DockerSandboxProvider) -> None:
+    """A step that outlives its timeout is killed with everything it started, quickly,
+    and the slot is marked for rebuild."""
+    async with provider.acquire(lab_job()) as sandbox:
+        assert isinstance(sandbox, DockerSandbox)
+        started = time.monotonic()
+        result, out = await sh(
+            sandbox, "echo begun; sleep 300 & sleep 301; echo never", timeout_s=1.0
+        )
+        assert result.timed_out
+        assert result.exit_code is None
+        assert not result.cancelled
+        assert time.monotonic() - started < 5
+        assert "begun" in out
+        assert "never" not in out
+        _check, ps = await sh(sandbox, "ps -eo args | grep -c '^sleep 30[01]' || true")
+        assert ps.strip() == "0", ps
+        assert sandbox.needs_rebuild == "step timed out"
 
 
 async def test_slot_port_is_published_on_loopback(
@@ -155,36 +178,6 @@ async def test_missing_command_exits_127(provider: DockerSandboxProvider) -> Non
         assert b"[1]" not in output
 
 
-async def test_files_round_trip(provider: DockerSandboxProvider) -> None:
-    """write_file creates parents; read_file returns the bytes, or None when missing."""
-    async with provider.acquire(lab_job()) as sandbox:
-        await sandbox.write_file("/workspaces/lab-one/deep/dir/f.json", b'{"a": 1}')
-        assert await sandbox.read_file("/workspaces/lab-one/deep/dir/f.json") == b'{"a": 1}'
-        assert await sandbox.read_file("/workspaces/nope.txt") is None
-        _result, out = await sh(sandbox, "cat /workspaces/lab-one/deep/dir/f.json")
-        assert json.loads(out) == {"a": 1}
-
-
-async def test_timeout_kills_the_step_process_group(provider: DockerSandboxProvider) -> None:
-    """A step that outlives its timeout is killed with everything it started, quickly,
-    and the slot is marked for rebuild."""
-    async with provider.acquire(lab_job()) as sandbox:
-        assert isinstance(sandbox, DockerSandbox)
-        started = time.monotonic()
-        result, out = await sh(
-            sandbox, "echo begun; sleep 300 & sleep 301; echo never", timeout_s=1.0
-        )
-        assert result.timed_out
-        assert result.exit_code is None
-        assert not result.cancelled
-        assert time.monotonic() - started < 5
-        assert "begun" in out
-        assert "never" not in out
-        _check, ps = await sh(sandbox, "ps -eo args | grep -c '^sleep 30[01]' || true")
-        assert ps.strip() == "0", ps
-        assert sandbox.needs_rebuild == "step timed out"
-
-
 async def test_cancel_kills_everything_in_the_lab(provider: DockerSandboxProvider) -> None:
     """kill() ends the running step as cancelled, kills processes started by earlier
     steps too, and later steps do not run."""
@@ -212,13 +205,14 @@ async def test_cancel_kills_everything_in_the_lab(provider: DockerSandboxProvide
         assert "sleep 500" not in text
 
 
-async def test_cancelling_the_caller_kills_the_step(provider: DockerSandboxProvider) -> None:
-    """Cancelling the task that awaits run() kills the step before the cancel propagates."""
+async def test_files_round_trip(provider: DockerSandboxProvider) -> None:
+    """write_file creates parents; read_file returns the bytes, or None when missing."""
     async with provider.acquire(lab_job()) as sandbox:
-        with anyio.move_on_after(1.0):
-            await sh(sandbox, "sleep 600")
-        _, ps = await sh(sandbox, "ps -eo args | grep -c '^sleep 600' || true")
-        assert ps.strip() == "0"
+        await sandbox.write_file("/workspaces/lab-one/deep/dir/f.json", b'{"a": 1}')
+        assert await sandbox.read_file("/workspaces/lab-one/deep/dir/f.json") == b'{"a": 1}'
+        assert await sandbox.read_file("/workspaces/nope.txt") is None
+        _result, out = await sh(sandbox, "cat /workspaces/lab-one/deep/dir/f.json")
+        assert json.loads(out) == {"a": 1}
 
 
 async def test_oom_kill_is_recorded(provider: DockerSandboxProvider) -> None:
@@ -253,6 +247,15 @@ async def test_limits_are_applied_to_the_slot(
             timeout_s=60,
         )
         assert "fork" in out or "Resource temporarily unavailable" in out, out
+
+
+async def test_cancelling_the_caller_kills_the_step(provider: DockerSandboxProvider) -> None:
+    """Cancelling the task that awaits run() kills the step before the cancel propagates."""
+    async with provider.acquire(lab_job()) as sandbox:
+        with anyio.move_on_after(1.0):
+            await sh(sandbox, "sleep 600")
+        _, ps = await sh(sandbox, "ps -eo args | grep -c '^sleep 600' || true")
+        assert ps.strip() == "0"
 
 
 async def test_settings_are_validated(docker_settings) -> None:  # type: ignore[no-untyped-def]
