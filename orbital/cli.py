@@ -10,12 +10,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import click
 
 from orbital.client import Orbital, connect
+from orbital.console import configure_logging, render_table
 from orbital.errors import OrbitalError
 from orbital.jobs import JobType
 from orbital.settings import Settings, host_arch
@@ -25,14 +26,6 @@ __all__ = ["main"]
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _ago(ts: float) -> str:
@@ -70,9 +63,7 @@ def main(verbose: int) -> None:
     """Orbital keeps a fleet of lab repositories healthy: it runs each lab's set-up
     and tests in a sandbox, nightly and on demand, and records every step."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(level)
 
 
 # ---------------------------------------------------------------- demo
@@ -154,7 +145,9 @@ def _builds_table(builds: Iterable[Any]) -> str:
         )
         for b in builds
     ]
-    return _table(rows, ["job", "repo", "branch", "arch", "status", "time", "steps", "failed step"])
+    return render_table(
+        rows, ["job", "repo", "branch", "arch", "status", "time", "steps", "failed step"]
+    )
 
 
 def _triage_table(entries: Iterable[Any]) -> str:
@@ -172,7 +165,7 @@ def _triage_table(entries: Iterable[Any]) -> str:
         )
         for t in entries
     ]
-    return _table(rows, ["fails", "repo", "branch", "arch", "last failure"])
+    return render_table(rows, ["fails", "repo", "branch", "arch", "last failure"])
 
 
 # ---------------------------------------------------------------- worker
@@ -348,7 +341,7 @@ def status(ctx: _Ctx, as_json: bool) -> None:
         _emit_json(data)
         return
     click.echo(
-        _table(sorted(data["queues"].items()), ["queue", "waiting"])
+        render_table(sorted(data["queues"].items()), ["queue", "waiting"])
         if data["queues"]
         else "no queues yet"
     )
@@ -361,7 +354,7 @@ def status(ctx: _Ctx, as_json: bool) -> None:
         for j in data["running"]
     ]
     click.echo(
-        _table(running, ["running job", "repo", "branch", "arch", "worker", "started (UTC)"])
+        render_table(running, ["running job", "repo", "branch", "arch", "worker", "started (UTC)"])
         if running
         else "no running jobs"
     )
@@ -379,7 +372,7 @@ def status(ctx: _Ctx, as_json: bool) -> None:
         for w in data["workers"]
     ]
     click.echo(
-        _table(
+        render_table(
             workers, ["worker", "arch", "status", "queues", "busy", "sandbox", "heartbeat (UTC)"]
         )
         if workers
@@ -460,7 +453,7 @@ def fleet(fleet_file: str | None, as_json: bool) -> None:
         )
         for e in registry.entries
     ]
-    click.echo(_table(rows, ["name", "repo", "status", "ci", "arch", "nightly"]))
+    click.echo(render_table(rows, ["name", "repo", "status", "ci", "arch", "nightly"]))
     both = sum(1 for e in registry.eligible() if len(e.arches) == 2)
     click.echo(
         f"\n{len(registry.entries)} entries, {len(registry.eligible())} eligible, "

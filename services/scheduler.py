@@ -29,6 +29,7 @@ from types import FrameType
 import redis
 
 from orbital.connection import resolve_redis_url, sync_client
+from orbital.console import configure_logging
 from orbital.errors import ConfigError, FleetError
 from orbital.fleet import load_fleet
 from orbital.queue import Queue
@@ -106,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-drift", action="store_true", help="do not queue drift checks")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
 
     try:
         settings = Settings.from_env()

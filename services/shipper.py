@@ -19,6 +19,7 @@ import signal
 import sys
 from types import FrameType
 
+from orbital.console import configure_logging
 from orbital.errors import ConfigError
 from orbital.events import Shipper
 from orbital.settings import Settings
@@ -33,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ship Orbital's event outbox to Dynatrace.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
 
     try:
         settings = Settings.from_env()

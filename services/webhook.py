@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 
+from orbital.console import configure_logging
 from orbital.errors import ConfigError
 from orbital.masking import mask_text
 from orbital.settings import Settings
@@ -81,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Receive GitHub webhooks and enqueue jobs.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
 
     try:
         settings = Settings.from_env()

@@ -23,6 +23,7 @@ import argparse
 import logging
 import sys
 
+from orbital.console import configure_logging
 from orbital.errors import ConfigError
 from orbital.settings import Settings, host_arch
 from orbital.workers.service import queue_plan, serve
@@ -61,11 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT has drained it; return the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         settings = Settings.from_env(**({"sandbox": args.sandbox} if args.sandbox else {}))
         plan = queue_plan(

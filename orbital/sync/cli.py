@@ -22,6 +22,7 @@ import click
 
 from orbital.agents.workspace import open_workspace
 from orbital.connection import async_client, resolve_redis_url, sync_client
+from orbital.console import render_table
 from orbital.errors import OrbitalError
 from orbital.ids import new_job_id, validate_repo
 from orbital.jobs import TERMINAL_STATES, Job, JobType
@@ -33,14 +34,6 @@ from orbital.sync.handler import repos_to_check
 from orbital.sync.store import DriftStore, drift_events, save_report
 
 __all__ = ["sync"]
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _utc(ts: float) -> str:
@@ -61,7 +54,7 @@ def results_table(results: Sequence[DriftResult]) -> str:
         )
         for r in results
     ]
-    return _table(
+    return render_table(
         rows, ["repository", "branch", "status", "current", "target", "checked (UTC)", "reason"]
     )
 
