@@ -380,6 +380,7 @@ class DockerSandboxProvider(SandboxProvider):
         )
         self.host: docker.APIClient | None = None
         self.pool: SlotPool | None = None
+        self._running: dict[str, DockerSandbox] = {}
 
     async def open(self, capacity: int) -> None:
         """Connect to the engine, check the isolation mode is possible, and warm
@@ -437,6 +438,7 @@ class DockerSandboxProvider(SandboxProvider):
             raise SandboxError(f"worker {self.worker_id}: docker sandbox provider is not open")
         slot = await self.pool.take()
         sandbox = DockerSandbox(slot)
+        self._running[job.id] = sandbox
         try:
             await sandbox.start(job)
             yield sandbox
@@ -445,9 +447,15 @@ class DockerSandboxProvider(SandboxProvider):
                 sandbox.needs_rebuild = sandbox.needs_rebuild or type(err).__name__
             raise
         finally:
+            self._running.pop(job.id, None)
             self.pool.give_back(
                 slot, rebuild=bool(sandbox.needs_rebuild), reason=sandbox.needs_rebuild
             )
+
+    def running(self, job_id: str) -> DockerSandbox | None:
+        """The sandbox of a job this provider is running now (e.g. a daemon job an
+        operator wants a shell in, see :meth:`DockerSandbox.shell_argv`), or None."""
+        return self._running.get(job_id)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -155,6 +155,58 @@ async def test_whole_lab_run_in_the_nested_layout(
     assert "expected 200, got 503" in failed.failure_summary
 
 
+@pytest.mark.anyio
+async def test_daemon_job_stays_up_for_a_shell_until_cancelled(
+    settings: Settings,
+    docker_host: str,
+    labs: LabFactory,
+    client: redis.Redis,
+    tmp_path: Path,
+    host_api: docker.APIClient,
+) -> None:
+    """A daemon job runs its set-up, then keeps its slot (an operator can open a shell
+    in the lab) until it is cancelled; then it ends cancelled and its slot is rebuilt."""
+    labs.script_lab("acme/lab-daemon", "exit 0\n", post_start="echo up > /workspaces/.daemon-up\n")
+    docker_settings = docker_worker_settings(
+        settings, docker_host, tmp_path / "home", git_url_template=labs.template
+    )
+    queue = Queue(client, docker_settings)
+    job = Job(type=JobType.DAEMON, repo="acme/lab-daemon", arch="amd64")
+    queue.enqueue(job)
+    provider = DockerSandboxProvider(docker_settings, "w-docker-daemon")
+    shell_output: list[str] = []
+    old_container = ""
+
+    def held() -> bool:
+        nonlocal old_container
+        if not shell_output:
+            sandbox = provider.running(job.id)
+            if sandbox is None or not sandbox.lab:
+                return False
+            # The operator's shell, without a terminal: -i instead of -it.
+            argv = [a if a != "-it" else "-i" for a in sandbox.shell_argv()]
+            done = subprocess.run(
+                argv, input=b"cat /workspaces/.daemon-up; exit\n", capture_output=True, timeout=30
+            )
+            if done.stdout.strip() != b"up":
+                return False  # post-start has not run yet
+            shell_output.append(done.stdout.decode())
+            old_container = sandbox.slot.container
+            queue.cancel(job.id)
+        if not queue.get_job(job.id).is_terminal:
+            return False
+        # The worker closes its provider when it stops: see the rebuild while it runs.
+        slot = provider.describe()["slots"][0]
+        return bool(slot["state"] == "ready" and slot["container"] != old_container)
+
+    try:
+        await run_worker(docker_settings, provider, held)
+        assert queue.get_job(job.id).state == "cancelled"
+        assert shell_output == ["up\n"]
+    finally:
+        await close_provider(provider, host_api)
+
+
 def _outcomes(client: redis.Redis, settings: Settings, run_id: str) -> dict[tuple[str, str], Any]:
     records = BuildHistory(client, Keys(settings.prefix)).recent(200)
     return {
