@@ -77,6 +77,11 @@ def settings(home: Path) -> Settings:
     )
 
 
+async def close(provider: DockerSandboxProvider) -> None:
+    await provider.close()
+    shutil.rmtree(provider.config.slot_dir, ignore_errors=True)
+
+
 def job() -> Job:
     return Job(type=JobType.INTEGRATION_TEST, repo="bench/lab", arch="amd64")
 
@@ -113,7 +118,7 @@ async def bench_start(home: Path, rounds: int, cold_rounds: int) -> tuple[list[f
             warm.append(await first_output_s(provider, time.monotonic()))
         await wait_ready(provider)
     finally:
-        await provider.close()
+        await close(provider)
 
     cold: list[float] = []
     for i in range(cold_rounds):
@@ -124,7 +129,7 @@ async def bench_start(home: Path, rounds: int, cold_rounds: int) -> tuple[list[f
             cold.append(await first_output_s(provider, started))
             await wait_ready(provider)
         finally:
-            await provider.close()
+            await close(provider)
     return warm, cold
 
 
@@ -166,7 +171,7 @@ async def bench_steps(home: Path, rounds: int) -> dict[str, list[float]]:
                 await anyio.to_thread.run_sync(sdk_exec)
                 times["SDK exec"].append(time.monotonic() - t)
     finally:
-        await provider.close()
+        await close(provider)
     return times
 
 
@@ -197,7 +202,7 @@ async def bench_reset(home: Path, rounds: int) -> tuple[list[float], float]:
             sandbox.needs_rebuild = "benchmark: measure a rebuild"
         rebuild = await wait_ready(provider)
     finally:
-        await provider.close()
+        await close(provider)
     return resets, rebuild
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ OUTER_IMAGE = "orbital-test/outer:latest"
 HOST_ENV = "ORBITAL_TEST_DOCKER_HOST"
 _HINT = "run .ci/docker/start-dockerd.sh and .ci/docker/build-images.sh, then export "
 _ports = itertools.count(0)
+_STALE_S = 3 * 3600
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -67,8 +71,30 @@ def docker_host() -> Iterator[str]:
         _unavailable(f"test image missing in {url}: {err.explanation} ({_HINT}{HOST_ENV})")
     except docker.errors.DockerException as err:
         _unavailable(f"{HOST_ENV}={url} is not reachable: {err}")
+    _remove_stale(client)
     yield url
     client.close()
+
+
+def _remove_stale(client: docker.APIClient) -> None:
+    """Remove Orbital containers and volumes that an interrupted test run left on the
+    test engine. Only ones older than any test run, so concurrent sessions are safe."""
+    cutoff = time.time() - _STALE_S
+    filters = {"label": ["org.orbital.managed"]}
+    for box in client.containers(all=True, filters=filters):
+        if box["Created"] < cutoff:
+            client.remove_container(box["Id"], force=True, v=True)
+    for volume in client.volumes(filters=filters).get("Volumes") or []:
+        created = volume.get("CreatedAt", "")
+        try:
+            stamp = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        if stamp < cutoff:
+            try:
+                client.remove_volume(volume["Name"], force=True)
+            except docker.errors.APIError:
+                continue  # still used by a container of a running session
 
 
 @pytest.fixture
@@ -137,6 +163,7 @@ async def close_provider(provider: DockerSandboxProvider, host: docker.APIClient
         await anyio.to_thread.run_sync(
             lambda: remove_leftovers(host, provider.settings.prefix, None)
         )
+    shutil.rmtree(provider.config.slot_dir, ignore_errors=True)
 
 
 ProviderFactory = Callable[..., Awaitable[DockerSandboxProvider]]
