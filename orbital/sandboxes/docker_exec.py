@@ -195,7 +195,16 @@ class ExecStream:
         status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
         parts = status_line.split(" ", 2)
         if len(parts) < 2 or parts[1] not in ("101", "200"):
-            raise SandboxError(f"exec {self.exec_id[:12]}: daemon answered {status_line!r}")
+            detail = b""
+            with anyio.move_on_after(1.0):
+                try:
+                    detail = await self._reader.receive(4096)
+                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass
+            raise SandboxError(
+                f"exec {self.exec_id[:12]}: daemon answered {status_line!r}: "
+                f"{detail.decode(errors='replace').strip()[:300]}"
+            )
 
     async def pump(self, on_output: OutputCallback) -> None:
         """Forward every output frame to ``on_output`` until the exec's output ends."""
