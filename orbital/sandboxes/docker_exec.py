@@ -12,6 +12,7 @@ connection ends the read whatever the daemon does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -197,10 +198,10 @@ class ExecStream:
         if len(parts) < 2 or parts[1] not in ("101", "200"):
             detail = b""
             with anyio.move_on_after(1.0):
-                try:
+                with contextlib.suppress(
+                    anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError
+                ):
                     detail = await self._reader.receive(4096)
-                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    pass
             raise SandboxError(
                 f"exec {self.exec_id[:12]}: daemon answered {status_line!r}: "
                 f"{detail.decode(errors='replace').strip()[:300]}"
