@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tarfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,6 +40,8 @@ from orbital.sandboxes.base import OutputCallback, Sandbox, SandboxProvider, Ste
 from orbital.sandboxes.docker_engine import (
     DOCKER_ERRORS,
     LAB_NAME,
+    LEASE_POLL_S,
+    LEASE_WATCHDOG,
     WORKSPACES,
     engine_ready,
     env_file,
@@ -49,6 +52,7 @@ from orbital.sandboxes.docker_engine import (
 from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_step, start_step
 from orbital.sandboxes.docker_pool import PoolTiming, SlotPool
 from orbital.sandboxes.docker_slot import Slot, SlotConfig
+from orbital.sandboxes.select import LEASE_GRACE_SHARE
 from orbital.settings import Settings
 
 __all__ = ["ISOLATION_MODES", "DockerSandbox", "DockerSandboxProvider", "engine_ready"]
@@ -77,6 +81,8 @@ class DockerSandbox(Sandbox):
         #: Set when the slot must be rebuilt rather than reset after this job.
         self.needs_rebuild = ""
         self._cancelled = False
+        self._watched = False
+        self._renewals = 0
         self._scopes: set[anyio.CancelScope] = set()
 
     @property
@@ -243,6 +249,28 @@ class DockerSandbox(Sandbox):
             )
         return happened
 
+    async def lease_renewed(self) -> None:
+        """Count a renewal in the slot's lease file; the first call also starts the
+        watchdog in the slot that kills the lab when renewals stop (``LEASE_WATCHDOG``)."""
+        self._renewals += 1
+        self.slot.lease_file.write_text(str(self._renewals))
+        if self._watched:
+            return
+        polls = str(max(2, math.ceil(self.slot.config.lease_grace_s / LEASE_POLL_S)))
+        argv = ["sh", "-c", LEASE_WATCHDOG, "orbital-lease", LAB_NAME, polls]
+        try:
+            await anyio.to_thread.run_sync(lambda: self.slot.outer_exec(argv, detach=True))
+        except SandboxError as err:
+            logger.warning(
+                "slot %s: job %s: lease watchdog not started (%s); a paused worker's steps "
+                "would outlive its lease",
+                self.slot.base_name,
+                self.job_id,
+                err,
+            )
+            return
+        self._watched = True
+
     async def write_file(self, path: str, data: bytes) -> None:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -369,6 +397,7 @@ class DockerSandboxProvider(SandboxProvider):
             api_timeout_s=settings.docker_api_timeout_s,
             ready_timeout_s=settings.docker_ready_timeout_s,
             kill_attempts=settings.docker_kill_attempts,
+            lease_grace_s=settings.lease_s * LEASE_GRACE_SHARE,
         )
         self.timing = PoolTiming(
             warm_concurrency=settings.docker_warm_concurrency,
@@ -448,6 +477,7 @@ class DockerSandboxProvider(SandboxProvider):
             raise
         finally:
             self._running.pop(job.id, None)
+            slot.lease_file.unlink(missing_ok=True)  # stops the slot's lease watchdog
             self.pool.give_back(
                 slot, rebuild=bool(sandbox.needs_rebuild), reason=sandbox.needs_rebuild
             )

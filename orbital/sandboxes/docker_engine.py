@@ -23,6 +23,8 @@ __all__ = [
     "DOCKER_ERRORS",
     "LABEL",
     "LAB_NAME",
+    "LEASE_POLL_S",
+    "LEASE_WATCHDOG",
     "WORKSPACES",
     "engine_ready",
     "env_file",
@@ -73,6 +75,28 @@ if command -v dockerd-entrypoint.sh >/dev/null 2>&1; then
 fi
 exec "$@"
 """
+
+
+# Runs detached in the outer container while a job holds the slot, once the worker has
+# renewed the job's lease. The worker writes a new count into the lease file (in the host
+# directory bind-mounted at /run/orbital) at every renewal; when the count stays the same
+# for $2 polls of 0.5 s (the worker is paused, dead, or cut off from Redis), the lab
+# container is killed, so the job never runs twice once the reaper hands it to another
+# worker. Content, not mtime: mtimes have one-second steps. Removing the file (the job
+# ended) stops the watchdog.
+LEASE_WATCHDOG = """f=/run/orbital/lease; lab=$1; polls=$2; last=""; idle=0
+while sleep 0.5; do
+    now=$(cat "$f" 2>/dev/null) || exit 0
+    if [ "$now" = "$last" ]; then idle=$((idle + 1)); else idle=0; last=$now; fi
+    if [ "$idle" -ge "$polls" ]; then
+        docker -H unix:///run/orbital/docker.sock kill "$lab" >/dev/null 2>&1
+        rm -f "$f"
+        exit 0
+    fi
+done
+"""
+#: The watchdog's poll interval.
+LEASE_POLL_S = 0.5
 
 
 def orbital_labels(prefix: str, worker: str, slot: int | str, job: str = "") -> dict[str, str]:

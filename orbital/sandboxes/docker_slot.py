@@ -70,6 +70,7 @@ class SlotConfig:
     api_timeout_s: float
     ready_timeout_s: float
     kill_attempts: int
+    lease_grace_s: float = 18.0
 
 
 class Slot:
@@ -84,6 +85,8 @@ class Slot:
         self.base_name = f"orbital-{safe_worker}-slot{index}"
         self.socket_dir = config.slot_dir / f"{safe_worker}-{index}"
         self.socket_path = str(self.socket_dir / "docker.sock")
+        #: Touched by the worker at each lease renewal; watched inside the slot.
+        self.lease_file = self.socket_dir / "lease"
         if len(self.socket_path) > _SOCKET_MAX:
             raise SandboxError(
                 f"docker_slot_dir={str(config.slot_dir)!r}: socket path {self.socket_path!r} is "
@@ -334,15 +337,18 @@ class Slot:
         now = self.oom_kills()
         return any(n > baseline.get(path, 0) for path, n in now.items()), now
 
-    def outer_exec(self, argv: list[str]) -> str:
-        """Run a short command in the outer container; return its output.
+    def outer_exec(self, argv: list[str], *, detach: bool = False) -> str:
+        """Run a short command in the outer container and return its output; with
+        ``detach``, start it in the background and return at once.
 
         Raises:
             SandboxError: if it cannot run or exits non-zero.
         """
         try:
             created = self.host.exec_create(self.container, argv)
-            output = self.host.exec_start(created["Id"])
+            output = self.host.exec_start(created["Id"], detach=detach)
+            if detach:
+                return ""
             code = self.host.exec_inspect(created["Id"]).get("ExitCode")
         except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.base_name}: {argv[0]} failed: {err}") from err

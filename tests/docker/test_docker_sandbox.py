@@ -36,6 +36,7 @@ async def provider(
         docker_memory="768m",
         docker_cpus=1.0,
         docker_pids_limit=400,
+        lease_s=3.0,
     )
     shared = DockerSandboxProvider(settings, WORKER)
     await shared.open(2)
@@ -213,6 +214,26 @@ async def test_files_round_trip(provider: DockerSandboxProvider) -> None:
         assert await sandbox.read_file("/workspaces/nope.txt") is None
         _result, out = await sh(sandbox, "cat /workspaces/lab-one/deep/dir/f.json")
         assert json.loads(out) == {"a": 1}
+
+
+async def test_lab_is_killed_when_lease_renewals_stop(provider: DockerSandboxProvider) -> None:
+    """Once the worker has renewed a job's lease, the slot kills the lab container when
+    renewals stop for longer than the grace (a paused or dead worker), ending its step."""
+    async with provider.acquire(lab_job()) as sandbox:
+        assert isinstance(sandbox, DockerSandbox)
+        for _ in range(8):
+            await sandbox.lease_renewed()
+            await anyio.sleep(0.5)
+        result, out = await sh(sandbox, "echo alive")
+        assert out == "alive\n"
+
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            result, out = await sh(sandbox, "sleep 120", timeout_s=120)
+        assert not result.ok
+        assert time.monotonic() - started < 15
+        lab = sandbox.slot.client().inspect_container(LAB_NAME)["State"]
+        assert not lab["Running"]
 
 
 async def test_oom_kill_is_recorded(provider: DockerSandboxProvider) -> None:
