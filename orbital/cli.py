@@ -14,10 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import click
+import redis
 
 from orbital.client import Orbital, connect
 from orbital.console import configure_logging, render_table
-from orbital.errors import OrbitalError
+from orbital.errors import LogError, OrbitalError, UnknownJobError
 from orbital.jobs import JobType
 from orbital.settings import Settings, host_arch
 
@@ -48,13 +49,27 @@ class _Ctx:
 pass_ctx = click.make_pass_decorator(_Ctx, ensure=True)
 
 
+#: Exit statuses: 0 done, 1 not found (unknown job or log), 2 refused input or
+#: configuration, 3 Redis unreachable.
+EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_NO_REDIS = 1, 2, 3
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (UnknownJobError, LogError) as err:
+            click.echo(f"orbital: {err}", err=True)
+            sys.exit(EXIT_NOT_FOUND)
         except OrbitalError as err:
             click.echo(f"orbital: {err}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_REFUSED)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            click.echo(
+                f"orbital: cannot reach Redis ({err}); is it running, and is ORBITAL_REDIS_URL right?",
+                err=True,
+            )
+            sys.exit(EXIT_NO_REDIS)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,7 +262,12 @@ def worker(
 )
 @click.option("--commit", default="", help="Commit sha to test (default: the branch head).")
 @click.option("--id", "job_id", default="", help="Use this job id (kept as given).")
-@click.option("--delay", type=float, default=0.0, help="Seconds before the job may start.")
+@click.option(
+    "--delay",
+    type=click.FloatRange(0, 30 * 86400),
+    default=0.0,
+    help="Seconds before the job may start (at most 30 days).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def enqueue(
@@ -302,9 +322,9 @@ def cancel(ctx: _Ctx, job_ids: tuple[str, ...], reason: str, as_json: bool) -> N
         _emit_json([r.__dict__ for r in results])
         return
     for r in results:
-        click.echo(f"{r.job_id}: {r.outcome} (was {r.previous or 'unknown'})")
+        click.echo(f"{r.job_id!r}: {r.outcome} (was {r.previous or 'unknown'})")
     if any(r.outcome == "unknown" for r in results):
-        sys.exit(1)
+        sys.exit(EXIT_NOT_FOUND)
 
 
 @main.command()

@@ -155,7 +155,7 @@ def parse_duration(text: str) -> float:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(
             f"invalid name {_show(value)}: expected 1-100 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit"
@@ -285,6 +285,23 @@ def _too_big(data: object) -> bool:
     return False
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (``safe_load``
+    silently keeps the last one, so ``repo:`` twice would go unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice", key_node.start_mark,
+                )  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_fleet(text: str, source: str = "<string>") -> Fleet:
     """Parse and validate a fleet registry given as YAML text.
 
@@ -297,7 +314,7 @@ def parse_fleet(text: str, source: str = "<string>") -> Fleet:
     if len(text) > MAX_FLEET_BYTES:
         raise FleetError(f"{source}: {len(text)} characters, over the {MAX_FLEET_BYTES} limit")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

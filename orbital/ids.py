@@ -52,11 +52,11 @@ def validate_repo(value: str) -> str:
     if not isinstance(value, str) or value.count("/") != 1:
         raise _refuse("repository", value, "expected owner/name")
     owner, name = value.split("/")
-    if not _OWNER.match(owner):
+    if not _OWNER.fullmatch(owner):
         raise _refuse(
             "repository", value, "owner must be 1-39 letters, digits or single inner hyphens"
         )
-    if not _NAME.match(name) or name in {".", ".."} or name.endswith(".git"):
+    if not _NAME.fullmatch(name) or name in {".", ".."} or name.endswith(".git"):
         raise _refuse("repository", value, "name must be 1-100 letters, digits, '.', '_' or '-'")
     return value
 
@@ -72,7 +72,7 @@ def validate_branch(value: str) -> str:
         raise _refuse("branch", value, "must be a non-empty string")
     if len(value) > 255:
         raise _refuse("branch", value[:40] + "...", "longer than 255 characters")
-    if not _BRANCH_CHARS.match(value):
+    if not _BRANCH_CHARS.fullmatch(value):
         raise _refuse("branch", value, "only letters, digits and . _ / + @ = , - are allowed")
     if value.startswith(("-", "/")) or value.endswith(("/", ".", ".lock")):
         raise _refuse(
@@ -91,7 +91,7 @@ def validate_commit(value: str) -> str:
     Raises:
         InvalidIdentifierError: naming the value and the rule it breaks.
     """
-    if not isinstance(value, str) or not _COMMIT.match(value):
+    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
         raise _refuse("commit", value, "expected 7 to 40 lowercase hex digits")
     return value
 
@@ -105,7 +105,7 @@ def validate_arch(value: str) -> str:
 
 def validate_job_id(value: str) -> str:
     """Return ``value`` if it can serve as a job id (a DNS label); raise otherwise."""
-    if not isinstance(value, str) or not _JOB_ID.match(value):
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         raise _refuse("job id", value, "expected 1-63 lowercase letters, digits or inner hyphens")
     return value
 

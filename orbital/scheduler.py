@@ -30,7 +30,7 @@ from orbital.queue import Queue
 from orbital.queue.core import _job_fields
 from orbital.settings import Settings
 
-__all__ = ["NightlyPlan", "NightlyRun", "Scheduler", "next_nightly", "plan_nightly"]
+__all__ = ["NightlyPlan", "NightlyRun", "Scheduler", "cron_fire", "next_nightly", "plan_nightly"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +99,29 @@ class NightlyRun:
         return {**self.__dict__, "finished": self.finished}
 
 
+def cron_fire(
+    cron: str, at: float, *, previous: bool = False, setting: str = "nightly_cron"
+) -> float:
+    """Return when ``cron`` (UTC) fires next after ``at`` (or last, at or before it).
+
+    Raises:
+        ConfigError: naming ``setting``, if ``cron`` is not a cron expression or
+            never fires ("0 2 30 2 *").
+    """
+    try:
+        it = croniter(cron, datetime.fromtimestamp(at, UTC))
+        return float(it.get_prev(float) if previous else it.get_next(float))
+    except (ValueError, KeyError) as err:  # croniter's own errors are ValueErrors
+        raise ConfigError(f"{setting} {cron!r} is not a usable cron expression: {err}") from None
+
+
 def next_nightly(cron: str, after: float) -> float:
     """Return the first time after ``after`` (epoch seconds) that ``cron`` (UTC) fires.
 
     Raises:
-        ConfigError: if ``cron`` is not a valid cron expression.
+        ConfigError: if ``cron`` is not a usable cron expression.
     """
-    try:
-        it = croniter(cron, datetime.fromtimestamp(after, UTC))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"nightly_cron {cron!r} is not a cron expression: {err}") from None
-    return float(it.get_next(float))
+    return cron_fire(cron, after)
 
 
 def plan_nightly(
@@ -198,7 +210,7 @@ class Scheduler:
         """Plan the nightly run of the latest cron slot at or before ``now`` if no
         process has planned it yet and it is not older than :data:`CATCH_UP_S`."""
         now = time.time() if now is None else now
-        slot_time = _previous_fire(self.settings.nightly_cron, now)
+        slot_time = cron_fire(self.settings.nightly_cron, now, previous=True)
         if now - slot_time > CATCH_UP_S:
             return None
         slot = _iso(slot_time)
@@ -230,14 +242,6 @@ def _enqueue_source() -> str:
     from orbital.queue.scripts import script_source
 
     return script_source("enqueue")
-
-
-def _previous_fire(cron: str, now: float) -> float:
-    try:
-        it = croniter(cron, datetime.fromtimestamp(now, UTC))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"nightly_cron {cron!r} is not a cron expression: {err}") from None
-    return float(it.get_prev(float))
 
 
 def _iso(ts: float) -> str:

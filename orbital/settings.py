@@ -9,8 +9,10 @@ library reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -247,6 +249,28 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+#: Float settings where 0 is meaningful (no gap between staggered enqueues).
+_ZERO_ALLOWED = frozenset({"nightly_stagger_s"})
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_text(name: str, value: str) -> str:
+    """Refuse text settings that could only fail later, far from their cause."""
+    if name == "prefix" and not _PREFIX.fullmatch(value):
+        raise ValueError("expected 1-64 letters, digits, '_', '.' or '-' (no spaces, ':' or '*')")
+    if name == "redis_url" and value and not value.startswith(_REDIS_SCHEMES):
+        raise ValueError(
+            "expected a redis://, rediss:// or unix:// URL, or empty for the embedded Redis"
+        )
+    if name.endswith("_cron") and value:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError("not a cron expression (five fields, UTC)")
+    return value
+
+
 def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     if name not in types:
@@ -257,8 +281,12 @@ def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
             return Path(value).expanduser()
         if kind == "float":
             number = float(value)
-            if number < 0:
-                raise ValueError("must not be negative")
+            if not math.isfinite(number):
+                raise ValueError("must be a finite number of seconds")
+            if number < 0 or (number == 0 and name not in _ZERO_ALLOWED):
+                raise ValueError(
+                    "must be positive" if name not in _ZERO_ALLOWED else "must not be negative"
+                )
             return number
         if kind == "int":
             number = int(value)
@@ -269,6 +297,6 @@ def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             return tuple(str(v) for v in value)
-        return str(value)
+        return _check_text(name, str(value))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"setting {name} (ORBITAL_{name.upper()}) = {value!r}: {err}") from None

@@ -16,6 +16,7 @@ import redis
 
 from orbital.keys import Keys
 from orbital.settings import Settings
+from tests.conftest import free_port
 
 COMMANDS = [
     "demo",
@@ -142,7 +143,7 @@ def test_enqueue_status_cancel_history_round_trip(cli_env: dict[str, str]) -> No
     history = json.loads(orbital("history", "--json", env=cli_env).stdout)
     assert [(b["job_id"], b["status"]) for b in history] == [("cli-1", "cancelled")]
     unknown = orbital("logs", "nope", env=cli_env)
-    assert unknown.returncode == 2
+    assert unknown.returncode == 1
     assert "no such job" in unknown.stderr
 
 
@@ -167,3 +168,29 @@ def test_worker_drains_and_exits_on_sigterm(
     assert "worker w-term: draining" in err
     assert "worker w-term: stopped" in err
     assert not client.exists(keys.worker("w-term"))
+
+
+def test_unreachable_redis_is_one_clear_line(cli_env: dict[str, str]) -> None:
+    """No traceback when Redis is down: one line naming the problem, exit 3."""
+    env = {**cli_env, "ORBITAL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = orbital("status", env=env)
+    assert result.returncode == 3
+    assert result.stderr.startswith("orbital: cannot reach Redis")
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_stops_on_sigterm_while_redis_is_unreachable(cli_env: dict[str, str]) -> None:
+    """A worker still waiting for Redis at start obeys SIGTERM at once."""
+    env = {**cli_env, "ORBITAL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orbital", "worker", "--name", "w-noredis", "--arch", "amd64"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "Redis unreachable at start" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped before Redis answered" in err

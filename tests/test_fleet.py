@@ -466,3 +466,10 @@ def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "repos.yaml"
     path.write_bytes(b"repos:\n  - name: \xff\n")
     assert "not UTF-8 text (bad byte at offset 17)" in fleet_error(path)
+
+
+def test_a_key_given_twice_in_an_entry_is_refused() -> None:
+    """``repo:`` twice in one entry is an error with its line, not a silent last-wins."""
+    text = "repos:\n  - name: x\n    repo: a/x\n    repo: a/evil\n    status: active\n"
+    with pytest.raises(FleetError, match=r"line 4.*key 'repo' is given twice"):
+        parse_fleet(text, "dup.yaml")

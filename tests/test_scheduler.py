@@ -44,7 +44,7 @@ def test_real_fleet_plans_47_jobs_staggered_per_arch(shared_dir: Path) -> None:
 def test_cron_default_is_two_am_utc() -> None:
     """The default schedule fires at 02:00 UTC; a bad expression is a clear error."""
     assert next_nightly("0 2 * * *", ts("2026-12-04T16:00:00")) == ts("2026-12-05T02:00:00")
-    with pytest.raises(ConfigError, match="not a cron expression"):
+    with pytest.raises(ConfigError, match="not a usable cron expression"):
         next_nightly("every night", 0)
 
 
@@ -133,3 +133,9 @@ def test_superseded_nightly_job_still_closes_the_run(
     done = scheduler.get(run.run_id)
     assert done.finished
     assert (done.ended, done.superseded) == (1, 1)
+
+
+def test_cron_that_never_fires_is_a_clear_error() -> None:
+    """A well-formed cron with no real date (30 February) is refused by name."""
+    with pytest.raises(ConfigError, match="nightly_cron '0 2 30 2 \\*' is not a usable"):
+        next_nightly("0 2 30 2 *", 0)

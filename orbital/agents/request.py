@@ -153,7 +153,7 @@ def runbook_for(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 def _runbook_name(where: str, name: str) -> str:
-    if not _RUNBOOK_NAME.match(name):
+    if not _RUNBOOK_NAME.fullmatch(name):
         raise JobParamsError(
             f"{where}: runbook {name!r} is not a notebook file name in runbooks/ "
             "(letters, digits, '.', '_' or '-', ending in .ipynb, no directories)"

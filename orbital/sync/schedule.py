@@ -14,12 +14,11 @@ import time
 from datetime import UTC, datetime
 
 import redis
-from croniter import croniter
 
-from orbital.errors import ConfigError
 from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
+from orbital.scheduler import cron_fire
 from orbital.settings import Settings
 
 __all__ = ["CATCH_UP_S", "enqueue_drift_if_due", "next_drift"]
@@ -88,11 +87,7 @@ def next_drift(cron: str, after: float) -> float:
     Raises:
         ConfigError: if ``cron`` is not a cron expression.
     """
-    try:
-        it = croniter(cron, datetime.fromtimestamp(after, UTC))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"sync_cron {cron!r} is not a cron expression: {err}") from None
-    return float(it.get_next(float))
+    return cron_fire(cron, after, setting="sync_cron")
 
 
 def _text(value: object) -> str:
@@ -102,8 +97,4 @@ def _text(value: object) -> str:
 
 
 def _previous_fire(cron: str, now: float) -> float:
-    try:
-        it = croniter(cron, datetime.fromtimestamp(now, UTC))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"sync_cron {cron!r} is not a cron expression: {err}") from None
-    return float(it.get_prev(float))
+    return cron_fire(cron, now, previous=True, setting="sync_cron")

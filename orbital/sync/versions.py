@@ -58,7 +58,7 @@ def _checked_key(text: str) -> VersionKey:
 
 def is_release_tag(tag: str) -> bool:
     """Whether ``tag`` names a framework release (``v1.2.3``; no pre-releases)."""
-    return bool(_RELEASE_TAG.match(tag))
+    return bool(_RELEASE_TAG.fullmatch(tag))
 
 
 def newest_release(tags: Iterable[str]) -> str | None:

@@ -143,7 +143,9 @@ class Worker:
                 if handle_signals:
                     await tg.start(self._watch_signals)
                 await self.provider.open(sum(self.config.capacity.values()))
-                await self._start_up()
+                if not await self._start_up():
+                    tg.cancel_scope.cancel()
+                    return
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reaper_loop)
                 tg.start_soon(self._drain_deadline)
@@ -156,10 +158,16 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._stop(client)
 
-    async def _start_up(self) -> None:
-        """Recover this worker's old claims and register, retrying while Redis is away."""
+    async def _start_up(self) -> bool:
+        """Recover this worker's old claims and register, retrying while Redis is
+        away; False if the worker was told to stop before it got that far."""
         delay = 0.2
         while True:
+            if self._draining.is_set():
+                logger.info(
+                    "worker %s: stopped before Redis answered; nothing to hand back", self.worker_id
+                )
+                return False
             try:
                 await self._recover_own_claims()
                 await self._heartbeat_once("ready")
@@ -169,7 +177,8 @@ class Worker:
                     "worker %s: Redis unreachable at start (%s); retrying in %.1f s",
                     self.worker_id, err, delay,
                 )  # fmt: skip
-                await anyio.sleep(delay)
+                with anyio.move_on_after(delay):
+                    await self._draining.wait()
                 delay = min(_MAX_BACKOFF_S, delay * 2)
         logger.info(
             "worker %s: ready: arch %s, queues %s, sandbox %s",
@@ -178,6 +187,7 @@ class Worker:
             ", ".join(f"{q}x{n}" for q, n in sorted(self.config.capacity.items())),
             self.provider.describe().get("kind"),
         )
+        return True
 
     async def _stop(self, client: redis.asyncio.Redis) -> None:
         self.registration.status = "stopped"
