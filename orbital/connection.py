@@ -9,8 +9,6 @@ nothing.
 
 from __future__ import annotations
 
-from typing import cast
-
 import logging
 import os
 import subprocess
