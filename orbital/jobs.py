@@ -163,7 +163,8 @@ class Job:
     def to_mapping(self) -> dict[str, str]:
         """Return the job as a flat mapping of strings for a Redis hash."""
         out: dict[str, str] = {}
-        for key, value in asdict(self).items():
+        for key in _FIELD_NAMES:
+            value = getattr(self, key)
             if key == "params":
                 out[key] = json.dumps(value, sort_keys=True)
             elif isinstance(value, enum.Enum):
@@ -201,3 +202,6 @@ class Job:
         data["type"] = self.type.value
         data["state"] = self.state.value
         return data
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Job))

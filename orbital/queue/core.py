@@ -244,12 +244,17 @@ class AsyncQueue(_Base):
         )
         return None if job_id is None else _text(job_id)
 
-    async def start(self, job_id: str, worker_id: str, token: str) -> tuple[str, str]:
-        """Mark a claimed job running under a fresh lease; return (outcome, detail):
-        ``ok`` with the queue wait in seconds, or ``skip``/``gone`` when the job was
-        cancelled or removed after it was popped."""
-        outcome, detail = await self._run("start", job_id, worker_id, token, self._lease_ms())
-        return _text(outcome), _text(detail)
+    async def start(self, job_id: str, worker_id: str, token: str) -> tuple[str, str, Job | None]:
+        """Mark a claimed job running under a fresh lease; return (outcome, detail,
+        job): ``ok`` with the queue wait in seconds and the job's record, or
+        ``skip``/``gone`` (and no job) when it was cancelled or removed after it
+        was popped."""
+        reply = await self._run("start", job_id, worker_id, token, self._lease_ms())
+        outcome, detail = _text(reply[0]), _text(reply[1])
+        if outcome != "ok":
+            return outcome, detail, None
+        flat = reply[2]
+        return outcome, detail, Job.from_mapping(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def renew(self, job_id: str, worker_id: str, token: str) -> str:
         """Extend the lease; return ``ok``, ``cancelled`` or ``lost``."""

@@ -313,6 +313,10 @@ class Worker:
         """Wait for a free slot; False (and no slot held) once the worker drains."""
         if self._draining.is_set():
             return False
+        if slots.value > 0:
+            # A free slot: take it without starting a watcher task.
+            slots.acquire_nowait()
+            return True
         async with anyio.create_task_group() as tg:
 
             async def stop_on_drain() -> None:
@@ -341,8 +345,8 @@ class Worker:
 
     async def _run_job(self, job_id: str) -> None:
         token = secrets.token_hex(8)
-        outcome, detail = await self.queue.start(job_id, self.worker_id, token)
-        if outcome != "ok":
+        outcome, detail, job = await self.queue.start(job_id, self.worker_id, token)
+        if job is None:
             logger.info(
                 "worker %s: job %s was %s before it started; skipped",
                 self.worker_id,
@@ -350,7 +354,6 @@ class Worker:
                 detail or outcome,
             )
             return
-        job = await self.queue.get_job(job_id)
         queue_wait = float(detail)
         timeout_s = job.timeout_s or self.settings.job_timeout_s
         run = _Running(job, token, anyio.CancelScope(deadline=anyio.current_time() + timeout_s))

@@ -21,4 +21,5 @@ j.worker, j.attempts, j.state = worker, tostring(attempts), 'running'
 
 local wait = NOW - tonumber(j.enqueued_at or NOW)
 if triple_of(j) then emit('build.started', j, {queue_wait_s = wait}) end
-return {'ok', tostring(wait)}
+-- The job's record comes back with the answer: the worker needs it at once.
+return {'ok', tostring(wait), redis.call('HGETALL', job_key(jid))}
