@@ -35,11 +35,21 @@ def choose_provider(settings: Settings, kind: str) -> tuple[ProviderFactory, str
     if kind == "local":
         return _local, "local (child processes; not an isolation boundary)"
     if kind not in ("docker", "auto"):
-        raise ConfigError(f"sandbox {kind!r} is unknown: expected local, docker or auto")
-    # The Docker sandbox lands with its own issue; until then auto means local.
+        raise ConfigError(
+            f"sandbox {kind!r} is unknown: expected local or docker (or auto for the demo)"
+        )
+    from orbital.sandboxes.docker import DockerSandboxProvider
+    from orbital.sandboxes.docker_engine import engine_ready
+
     if kind == "docker":
-        raise ConfigError("the docker sandbox is not available in this build")
-    return _local, "local (no Docker sandbox in this build)"
+        return (
+            DockerSandboxProvider,
+            f"docker ({settings.docker_isolation}) at {settings.docker_host}",
+        )
+    ready, reason = engine_ready(settings)
+    if ready:
+        return DockerSandboxProvider, reason
+    return _local, f"local, since {reason} (child processes; not an isolation boundary)"
 
 
 def _local(settings: Settings, worker_id: str) -> SandboxProvider:
