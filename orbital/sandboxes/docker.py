@@ -222,7 +222,13 @@ class DockerSandbox(Sandbox):
     async def _kill(self, step: StepProcess) -> None:
         attempts = self.slot.config.kill_attempts
         inner = self.slot.client()
-        killed = await anyio.to_thread.run_sync(lambda: kill_step(inner, self.lab, step, attempts))
+        killed = False
+        # A daemon that hangs instead of refusing must not hold the worker either: stop
+        # waiting after one API timeout (the thread finishes on its own) and rebuild.
+        with anyio.move_on_after(self.slot.config.api_timeout_s):
+            killed = await anyio.to_thread.run_sync(
+                lambda: kill_step(inner, self.lab, step, attempts), abandon_on_cancel=True
+            )
         if not killed:
             logger.warning(
                 "slot %s: job %s: step not killed after %d attempts; the slot will be rebuilt",
