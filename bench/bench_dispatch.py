@@ -84,7 +84,8 @@ def _cpu_s() -> float:
 
 # children: each runs one system end to end and prints one JSON line ------------
 def _orbital_settings(url: str) -> Settings:
-    home = Path(tempfile.mkdtemp(prefix="orbital-bench-home-"))
+    # No-op handlers write no logs or work files, so the home is never created.
+    home = Path(tempfile.gettempdir()) / f"orbital-bench-home-{os.getpid()}"
     return Settings(redis_url=url, prefix="bench", home=home)
 
 

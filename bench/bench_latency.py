@@ -54,7 +54,8 @@ _ACK_TIMEOUT_S = 10
 
 
 def _settings(url: str) -> Settings:
-    home = Path(tempfile.mkdtemp(prefix="orbital-bench-home-"))
+    # No-op handlers write no logs or work files, so the home is never created.
+    home = Path(tempfile.gettempdir()) / f"orbital-bench-home-{os.getpid()}"
     return Settings(redis_url=url, prefix=PREFIX, home=home)
 
 
