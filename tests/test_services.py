@@ -233,7 +233,9 @@ def test_scheduler_service_refuses_a_bad_cron(settings: Settings, services: list
         services, "scheduler.py", [], service_env(settings, ORBITAL_NIGHTLY_CRON="at two")
     )
     assert scheduler.process.wait(30) == 2
-    scheduler.wait_for(r"cannot start: .*nightly_cron.*'at two'.*not a cron expression", timeout_s=1)
+    scheduler.wait_for(
+        r"cannot start: .*nightly_cron.*'at two'.*not a cron expression", timeout_s=1
+    )
 
 
 def test_scheduler_keeps_running_while_redis_is_unreachable(
