@@ -45,11 +45,12 @@ from orbital.sandboxes.docker_engine import (
     WORKSPACES,
     engine_ready,
     env_file,
+    file_archive,
     git_url_mounts,
     orbital_labels,
     parse_lab_mounts,
 )
-from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_step, start_step
+from orbital.sandboxes.docker_exec import ExecStream, StepProcess, kill_all, kill_step, start_step
 from orbital.sandboxes.docker_pool import PoolTiming, SlotPool
 from orbital.sandboxes.docker_slot import Slot, SlotConfig
 from orbital.sandboxes.select import LEASE_GRACE_SHARE
@@ -278,16 +279,10 @@ class DockerSandbox(Sandbox):
         self._watched = True
 
     async def write_file(self, path: str, data: bytes) -> None:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
+        archive = file_archive(path, data)
         inner = self.slot.client()
         try:
-            await anyio.to_thread.run_sync(
-                lambda: inner.put_archive(self.lab, "/", buffer.getvalue())
-            )
+            await anyio.to_thread.run_sync(lambda: inner.put_archive(self.lab, "/", archive))
         except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.slot.base_name}: cannot write {path}: {err}") from err
 
@@ -319,20 +314,8 @@ class DockerSandbox(Sandbox):
         if not self.lab:
             return
         inner = self.slot.client()
-
-        def kill_all() -> bool:
-            # From a process in the lab's PID namespace, kill -1 reaches every process
-            # there except init and the killer itself.
-            for _ in range(self.slot.config.kill_attempts):
-                try:
-                    killer = inner.exec_create(self.lab, ["sh", "-c", "kill -KILL -1; exit 0"])
-                    inner.exec_start(killer["Id"])
-                    return True
-                except DOCKER_ERRORS:
-                    time.sleep(0.2)
-            return False
-
-        if not await anyio.to_thread.run_sync(kill_all):
+        attempts = self.slot.config.kill_attempts
+        if not await anyio.to_thread.run_sync(lambda: kill_all(inner, self.lab, attempts)):
             logger.warning(
                 "slot %s: job %s: kill refused by the daemon; slot will be rebuilt",
                 self.slot.base_name,

@@ -7,8 +7,10 @@ provider. Every function blocks (Docker SDK calls); callers run them in threads.
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
+import tarfile
 import time
 from collections.abc import Mapping
 
@@ -28,6 +30,7 @@ __all__ = [
     "WORKSPACES",
     "engine_ready",
     "env_file",
+    "file_archive",
     "git_url_mounts",
     "orbital_labels",
     "parse_lab_mounts",
@@ -164,6 +167,16 @@ def remove_leftovers(
         except DOCKER_ERRORS as err:
             logger.warning("volume %s: leftover not removed: %s", volume["Name"], err)
     return removed
+
+
+def file_archive(path: str, data: bytes, mode: int = 0o644) -> bytes:
+    """A tar archive holding one file at ``path`` (relative to ``/``), for put_archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(path.lstrip("/"))
+        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def parse_lab_mounts(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:

@@ -31,7 +31,7 @@ from orbital.errors import SandboxError
 from orbital.sandboxes.base import OutputCallback
 from orbital.sandboxes.docker_engine import DOCKER_ERRORS
 
-__all__ = ["ExecStream", "StepProcess", "kill_step", "start_step"]
+__all__ = ["ExecStream", "StepProcess", "kill_all", "kill_step", "start_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,23 @@ def kill_step(client: docker.APIClient, container: str, step: StepProcess, attem
                 err,
             )
         time.sleep(0.2 * attempt)
+    return False
+
+
+def kill_all(client: docker.APIClient, container: str, attempts: int) -> bool:
+    """Kill every process in ``container`` but its PID 1 (blocking; run it in a thread).
+
+    From inside the container's PID namespace ``kill -1`` reaches every process except
+    init and the killer itself, including ones that left their step's process group.
+    Returns False when the daemon refused ``attempts`` times.
+    """
+    for _ in range(attempts):
+        try:
+            killer = client.exec_create(container, ["sh", "-c", "kill -KILL -1; exit 0"])
+            client.exec_start(killer["Id"])
+            return True
+        except DOCKER_ERRORS:
+            time.sleep(0.2)
     return False
 
 

@@ -17,11 +17,9 @@ worker's leftovers are found by :func:`~orbital.sandboxes.docker_engine.remove_l
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 import shutil
-import tarfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from orbital.sandboxes.docker_engine import (
     BOOT_SCRIPT,
     DOCKER_ERRORS,
     WORKSPACES,
+    file_archive,
     orbital_labels,
     remove_container,
 )
@@ -361,13 +360,8 @@ class Slot:
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write one file into the outer container's file system (parents are created)."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
         try:
-            self.host.put_archive(self.container, "/", buffer.getvalue())
+            self.host.put_archive(self.container, "/", file_archive(path, data, mode))
         except DOCKER_ERRORS as err:
             raise SandboxError(f"slot {self.base_name}: cannot write {path}: {err}") from err
 
