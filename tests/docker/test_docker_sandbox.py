@@ -147,7 +147,6 @@ async def test_step_streams_output_live(provider: DockerSandboxProvider) -> None
         async def record(chunk: bytes) -> None:
             seen.append((time.monotonic(), chunk))
 
-        started = time.monotonic()
         result = await sandbox.run(
             ["bash", "-c", "echo first; sleep 1.5; echo second >&2; exit 4"],
             env={"X": "1"},
@@ -159,7 +158,7 @@ async def test_step_streams_output_live(provider: DockerSandboxProvider) -> None
         assert result.exit_code == 4
         assert not result.ok
         assert b"".join(c for _, c in seen) == b"first\nsecond\n"
-        assert seen[0][0] - started < 1.0 < ended - seen[0][0]
+        assert ended - seen[0][0] > 1.0  # "first" arrived while the step still ran
 
 
 async def test_missing_command_exits_127(provider: DockerSandboxProvider) -> None:
