@@ -21,11 +21,11 @@ import redis
 from orbital.builds import BuildHistory, BuildRecord
 from orbital.connection import async_client
 from orbital.demo import run_demo
-from orbital.errors import ConfigError
 from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
 from orbital.sandboxes.docker import DockerSandboxProvider, engine_ready
+from orbital.sandboxes.select import choose_provider
 from orbital.settings import Settings
 from orbital.workers import Worker, WorkerConfig
 from tests.docker.conftest import close_provider, make_settings
@@ -42,16 +42,6 @@ curl -sf --unix-socket /var/run/docker.sock http://d/containers/json | jq -e 'le
 printf '{"step":"nested","description":"runs in the lab container","status":"pass",'\\
 '"started_at":1,"finished_at":2,"duration_s":1,"error":""}\\n' >> "$RESULT_JSON"
 """
-
-
-def _select_refuses_docker() -> bool:
-    from orbital.sandboxes.select import choose_provider
-
-    try:
-        choose_provider(Settings(), "docker")
-    except ConfigError:
-        return True
-    return False
 
 
 def docker_worker_settings(
@@ -251,11 +241,21 @@ def test_engine_ready_names_what_is_missing(docker_host: str, tmp_path: Path) ->
     assert "no-such-docker.sock" in why
 
 
-@pytest.mark.xfail(
-    condition=_select_refuses_docker(),
-    reason="orbital.sandboxes.select does not build the docker provider yet",
-    strict=True,
-)
+def test_auto_sandbox_picks_docker_only_when_the_engine_is_ready(
+    docker_host: str, tmp_path: Path
+) -> None:
+    """``--sandbox auto`` (the demo's choice) takes Docker when the engine answers with
+    the images, else the local sandbox, and says why either way."""
+    factory, why = choose_provider(make_settings(docker_host, tmp_path), "auto")
+    assert factory is DockerSandboxProvider
+    assert why == f"docker (nested-docker) at {docker_host}"
+    missing = make_settings(docker_host, tmp_path, docker_outer_image="orbital-test/none:1")
+    factory, why = choose_provider(missing, "auto")
+    assert factory is not DockerSandboxProvider
+    assert why.startswith("local")
+    assert "orbital-test/none:1" in why
+
+
 def test_orbital_worker_with_the_docker_sandbox(
     settings: Settings, docker_host: str, labs: LabFactory, client: redis.Redis, tmp_path: Path
 ) -> None:
