@@ -142,7 +142,9 @@ class Worker:
                 # Signals first: a SIGTERM during warm-up or registration drains.
                 if handle_signals:
                     await tg.start(self._watch_signals)
-                await self.provider.open(sum(self.config.capacity.values()))
+                # Only lab queues use sandboxes: agent and sync jobs need no warm slot.
+                lab_slots = sum(n for q, n in self.config.capacity.items() if q.startswith("test:"))
+                await self.provider.open(lab_slots)
                 if not await self._start_up():
                     tg.cancel_scope.cancel()
                     return
@@ -240,6 +242,7 @@ class Worker:
         if status:
             self.registration.status = status
         self.registration.active_jobs = {j: r.job.queue for j, r in self._running.items()}
+        self.registration.sandbox = self.provider.describe()  # warm and failed slots change
         await self.registration.publish(
             self.client, self.keys, self.settings.heartbeat_ttl_s, emit_event=emit_event
         )
