@@ -292,8 +292,12 @@ async def _stage1(run: _Run) -> None:
         capture=True,
         quiet=True,
     )
+    # Only lines that name a .bats file under the unit directory count: a sandbox
+    # may add noise to a command's output, and noise must never become a test file.
     files = sorted(
-        PurePosixPath(p).name for p in out.decode(errors="replace").split("\n") if p.strip()
+        PurePosixPath(p).name
+        for p in out.decode(errors="replace").split("\n")
+        if p.startswith(f"{unit_dir}/") and p.endswith(".bats")
     )
     if not listing.ok or not files:
         return

@@ -39,16 +39,16 @@ logger = logging.getLogger(__name__)
 STEP_DIR = "/run/orbital-steps"
 
 # bash only turns on job control (a process group per background job) with -m. The
-# command gets the original stderr; the wrapper's own stderr goes to /dev/null so bash's
-# job notices ("[1]+ Done") stay out of the step's output. The exec's exit code is the
+# command gets the original stderr; the wrapper's own stderr goes to /dev/null before the
+# job starts, so bash's job notices ("[1]+ Done", printed as soon as a short command
+# ends) never reach the step's output. The exec's exit code is the
 # command's status, or 128 + the signal that killed it.
 _WRAPPER = """f=$1; shift
 mkdir -p "${f%/*}" || exit 125
 set -m
-exec 3>&2
+exec 3>&2 2>/dev/null
 "$@" 2>&3 3>&- &
 pid=$!
-exec 2>/dev/null
 echo "$pid" > "$f"
 wait "$pid"
 rc=$?
