@@ -194,3 +194,22 @@ def test_worker_stops_on_sigterm_while_redis_is_unreachable(cli_env: dict[str, s
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "stopped before Redis answered" in err
+
+
+def test_worker_with_an_unreachable_docker_engine_exits_2(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A docker worker whose engine does not answer stops with one clear line, exit 2."""
+    env = {
+        **cli_env,
+        "ORBITAL_DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
+        "ORBITAL_DOCKER_ISOLATION": "nested-docker",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "orbital", "worker", "--sandbox", "docker", "--name", "w-nodocker"],
+        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "its sandbox cannot be used" in result.stderr
+    assert "Docker engine not reachable" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -15,7 +15,7 @@ import anyio
 
 from orbital.agents.manager import manager_handlers
 from orbital.connection import resolve_redis_url
-from orbital.errors import ConfigError
+from orbital.errors import ConfigError, SandboxError
 from orbital.jobs import JobType
 from orbital.sandboxes.select import make_provider
 from orbital.settings import Settings
@@ -60,6 +60,18 @@ def queue_plan(
     return plan
 
 
+def _first(err: BaseException, kind: type[SandboxError]) -> SandboxError | None:
+    """``err`` or the first ``kind`` inside it (task groups wrap errors in groups)."""
+    if isinstance(err, kind):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            found = _first(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def _where(url: str) -> str:
     """The Redis URL without credentials, for log lines."""
     parts = urllib.parse.urlsplit(url)
@@ -102,7 +114,13 @@ def serve(
     )  # fmt: skip
     try:
         anyio.run(worker.run)
-    except Exception:
+    except Exception as err:
+        sandbox_error = _first(err, SandboxError)
+        if sandbox_error is not None:
+            logger.error(
+                "worker %s: its sandbox cannot be used: %s", worker.worker_id, sandbox_error
+            )
+            return EXIT_CONFIG
         logger.exception(
             "worker %s crashed; its claimed jobs return to their queues when its lease expires",
             worker.worker_id,
