@@ -253,6 +253,7 @@ def test_worker_reconnects_after_redis_restart(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1000)  # its own wait is bounded at 900 s; the suite default is 300 s
 def test_two_hundred_jobs_survive_ten_sigkills(
     env: Settings,
     labs: LabFactory,
