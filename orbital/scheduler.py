@@ -27,7 +27,6 @@ from orbital.ids import new_job_id
 from orbital.jobs import Job, JobType
 from orbital.keys import Keys
 from orbital.queue import Queue
-from orbital.queue.core import _job_fields
 from orbital.settings import Settings
 
 __all__ = ["NightlyPlan", "NightlyRun", "Scheduler", "cron_fire", "next_nightly", "plan_nightly"]
@@ -181,15 +180,13 @@ class Scheduler:
             "passed": 0,
             "failed": 0,
         }
-        script = self.client.register_script(_enqueue_source())
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(
                 self.keys.nightly(plan.run_id), mapping={k: str(v) for k, v in record.items()}
             )
             pipe.zadd(self.keys.nightlies, {plan.run_id: plan.start_at})
             for job, due in plan.jobs:
-                job.validate()
-                script(keys=[], args=self.queue._argv(job.id, _job_fields(job), due), client=pipe)
+                self.queue.enqueue_in(pipe, job, due_at=due)
             pipe.execute()
         logger.info(
             "nightly %s: planned %d job(s) from %s, staggered %.0f s per arch queue",
@@ -236,12 +233,6 @@ class Scheduler:
     def recent(self, limit: int = 10) -> list[NightlyRun]:
         ids = cast(list[bytes], self.client.zrevrange(self.keys.nightlies, 0, limit - 1))
         return [self.get(i.decode()) for i in ids]
-
-
-def _enqueue_source() -> str:
-    from orbital.queue.scripts import script_source
-
-    return script_source("enqueue")
 
 
 def _iso(ts: float) -> str:

@@ -135,15 +135,28 @@ class Queue(_Base):
             InvalidIdentifierError: if the repository, branch, commit, arch or id
                 is refused; nothing is stored then.
         """
-        job.validate()
-        job.params = _masked(job.params, self.settings.secret_values())
-        if not job.max_attempts:
-            job.max_attempts = self.settings.max_attempts
-        outcome, detail = self._run("enqueue", job.id, _job_fields(job), due_at)
+        outcome, detail = self._scripts["enqueue"](keys=[], args=self._enqueue_args(job, due_at))
         outcome, detail = _text(outcome), _text(detail)
         if outcome == "exists":
             return EnqueueResult(job.id, outcome, state=detail)
         return EnqueueResult(job.id, outcome, holder=detail if outcome == "deferred" else "")
+
+    def enqueue_in(self, pipe: redis.client.Pipeline, job: Job, *, due_at: float = 0.0) -> None:
+        """Add ``job``'s enqueue to ``pipe`` (a MULTI), checked and masked exactly
+        as :meth:`enqueue` does, so many jobs can be stored in one transaction.
+
+        Raises:
+            InvalidIdentifierError: before anything is added to the pipeline.
+        """
+        self._scripts["enqueue"](keys=[], args=self._enqueue_args(job, due_at), client=pipe)
+
+    def _enqueue_args(self, job: Job, due_at: float) -> list[str]:
+        """Validate ``job``, mask its params, fill defaults; return the script's ARGV."""
+        job.validate()
+        job.params = _masked(job.params, self.settings.secret_values())
+        if not job.max_attempts:
+            job.max_attempts = self.settings.max_attempts
+        return self._argv(job.id, _job_fields(job), due_at)
 
     def cancel(self, job_id: str, reason: str = "cancelled by an operator") -> CancelResult:
         """Cancel a job in any state that has not ended.

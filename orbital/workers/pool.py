@@ -15,7 +15,6 @@ write.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import signal
 import time
@@ -497,7 +496,9 @@ class Worker:
         """Retry a final write through a Redis outage until it lands (or the lease
         logic elsewhere has given up on the job)."""
         delay = 0.2
-        for attempt in range(1, 1_000_000):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await func(*args, **kwargs)
             except _REDIS_ERRORS as err:
@@ -510,4 +511,3 @@ class Worker:
                 )
                 await anyio.sleep(delay)
                 delay = min(_MAX_BACKOFF_S, delay * 2)
-        return math.nan
